@@ -1,0 +1,31 @@
+"""Errors raised by the DICOM router, each with a stable code."""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+    code = "router_error"
+
+
+class RulesError(RouterError):
+    """A routing rules file is invalid."""
+
+    code = "rules_invalid"
+
+
+class DispatchError(RouterError):
+    """Sending results to a destination failed (retryable unless ``permanent``)."""
+
+    code = "dispatch_failed"
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class QueryError(RouterError):
+    """A C-FIND to the sending PACS failed."""
+
+    code = "query_failed"

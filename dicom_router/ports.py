@@ -1,0 +1,66 @@
+"""What the router needs from outside, as protocols the appliance implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+
+class StoreOutcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance as it came off the wire, with the few header fields the store indexes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    peer_address: str
+    #: a complete DICOM Part 10 file: preamble, file meta and dataset exactly as received
+    data: bytes
+
+
+class SinkFullError(Exception):
+    """The sink has no room (disk full); the SCP answers 0xA700."""
+
+
+class InstanceSink(Protocol):
+    """Durable storage of received instances.
+
+    ``store`` returns only once the bytes are on disk (fsync'd) and indexed; a second instance with a
+    SOP Instance UID already held returns ``DUPLICATE`` and changes nothing.
+    """
+
+    def store(self, instance: ReceivedInstance) -> StoreOutcome: ...
+
+    def quarantine(self, data: bytes, reason: str, calling_ae_title: str, peer_address: str) -> str:
+        """Keep bytes that could not be accepted; returns a quarantine id."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    destination: str
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+
+
+class Outbox(Protocol):
+    """Durable queue of objects to send; the dispatcher drains it."""
+
+    def due(self, limit: int) -> list[OutboxItem]: ...
+
+    def mark_sent(self, item_id: int) -> None: ...
+
+    def mark_failed(self, item_id: int, error: str, retry_in_seconds: float, permanent: bool) -> None: ...

@@ -1,0 +1,88 @@
+"""Settings owned by the DICOM router: our listener, the peers we trust, where results go."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[^\\]*[^\\ ][^\\]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Peer(BaseModel):
+    """A DICOM node allowed to send to us (and, when ``query`` is set, to answer our C-FIND)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: AETitle
+    #: addresses the peer may connect from; exact IPs
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    #: where the peer's own SCP listens, for C-FIND of NumberOfStudyRelatedInstances
+    query_host: str | None = None
+    query_port: Port | None = None
+    query_ae_title: AETitle | None = None
+
+
+class RouterSettings(BaseModel):
+    """The C-STORE/C-ECHO listener and study assembly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: AETitle = "PORTICO"
+    bind_host: str = "127.0.0.1"
+    port: Port = 11112
+    max_pdu: Annotated[int, Field(ge=0)] = 262144
+    #: calling AE titles + addresses allowed to associate; empty means nobody
+    peers: tuple[Peer, ...] = ()
+    #: a study is complete after this many seconds without a new instance
+    quiet_seconds: Annotated[float, Field(gt=0)] = 10.0
+    #: how often the assembler looks at open studies
+    poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+    rules_file: str = "rules.yaml"
+
+
+class DimseDestination(BaseModel):
+    """A C-STORE SCP that receives our results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dimse"] = "dimse"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = None
+    max_pdu: Annotated[int, Field(ge=0)] = 262144
+
+
+class StowDestination(BaseModel):
+    """A DICOMweb STOW-RS endpoint that receives our results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["stow"] = "stow"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://")
+
+
+Destination = Annotated[DimseDestination | StowDestination, Field(discriminator="kind")]
+
+
+class DispatchSettings(BaseModel):
+    """Where results go and how hard we try."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    destinations: tuple[Destination, ...] = ()
+    retry_initial_seconds: Annotated[float, Field(gt=0)] = 2.0
+    retry_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return value

@@ -1,0 +1,1 @@
+"""Federated learning client (NVFlare). Filled in by the FL issue."""

@@ -1,0 +1,24 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data`` (or ``$PORTICO_REAL_DATA``): real, licensed DICOM; skip when absent."""
+    root = Path(os.environ.get("PORTICO_REAL_DATA", REPO.parent / "shared" / "data"))
+    if not (root / "MANIFEST.md").is_file():
+        pytest.skip(f"real DICOM data not found at {root} (set PORTICO_REAL_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
