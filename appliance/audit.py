@@ -1,0 +1,33 @@
+"""Typed, append-only audit events. Written explicitly at each action, never derived from logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class AuditEvent(StrEnum):
+    RECEIVED = "received"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    STUDY_COMPLETE = "study_complete"
+    ROUTED = "routed"
+    NO_MATCH = "no_match"
+    JOB_STATE = "job_state"
+    INFERRED = "inferred"
+    DISPATCHED = "dispatched"
+    DISPATCH_FAILED = "dispatch_failed"
+    MODEL_LOADED = "model_loaded"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit row. ``detail`` holds no patient identifiers: UIDs, ids, states and reasons only."""
+
+    event: AuditEvent
+    study_uid: str | None = None
+    job_id: int | None = None
+    actor: str = "system"
+    detail: dict[str, Any] = field(default_factory=dict)

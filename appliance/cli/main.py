@@ -1,0 +1,34 @@
+"""The ``portico`` command: one console script, subcommands in small modules."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "serve": ("appliance.cli.serve", "run the appliance (SCP, jobs, dispatch)"),
+    "demo": ("appliance.cli.demo", "start Orthanc + Portico, send a phantom study, show the results"),
+    "echo": ("appliance.cli.echo", "C-ECHO a configured destination"),
+    "send": ("appliance.cli.send", "C-STORE files to a configured destination"),
+    "rules": ("appliance.cli.rules", "rules check FILE: validate a routing rules file"),
+    "models": ("appliance.cli.models", "models list | verify: installed model packages"),
+    "status": ("appliance.cli.status", "studies, jobs and outbox at a glance"),
+}
+
+USAGE = "usage: portico COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
+    f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE + "\n")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"portico: unknown command {name!r}\n{USAGE}\n")
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result: int = module.main(rest)
+    return result

@@ -1,0 +1,84 @@
+"""From received instances to jobs: decide when a study is complete, then route it.
+
+A study is handed off when the sending PACS's own count (C-FIND NumberOfStudyRelatedInstances) is
+reached, or after ``router.quiet_seconds`` without a new instance. Each hand-off is a new run version;
+instances that arrive after a hand-off open the study again and lead to the next version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+
+from appliance.store import Run, Store
+from dicom_router.assembly import count_study_instances, is_complete
+from dicom_router.rules import RuleSet, SeriesHeaders, StudyHeaders
+from dicom_router.settings import Peer, RouterSettings
+
+log = logging.getLogger(__name__)
+
+#: how often the PACS is asked for its count while instances are still arriving
+QUERY_INTERVAL_SECONDS = 1.0
+
+
+@dataclass
+class HandOff:
+    """One tick of this does all due work; the service calls it in a loop."""
+
+    store: Store
+    settings: RouterSettings
+    rules: RuleSet
+    _last_query: dict[str, float] = field(default_factory=dict)
+
+    def _peer(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.settings.peers if p.ae_title == ae_title), None)
+
+    def tick(self, now: float | None = None) -> list[Run]:
+        """Hand off every complete study and route every unrouted run; returns the runs routed."""
+        now = time.time() if now is None else now
+        for study in self.store.open_studies():
+            expected = study.expected_count
+            peer = self._peer(study.calling_ae)
+            if (peer is not None and peer.query_port is not None
+                    and (expected is None or study.received_count < expected)
+                    and now - self._last_query.get(study.study_uid, 0.0) >= QUERY_INTERVAL_SECONDS):
+                self._last_query[study.study_uid] = now
+                counted = count_study_instances(peer, self.settings.ae_title, study.study_uid, timeout=5.0)
+                if counted is not None and counted != expected:
+                    self.store.set_expected_count(study.study_uid, counted)
+                    expected = counted
+            if is_complete(study.received_count, study.last_received, now, self.settings.quiet_seconds,
+                           expected):
+                reason = "count" if expected is not None and study.received_count >= expected else "quiet"
+                self.store.hand_off(study.study_uid, reason)
+                self._last_query.pop(study.study_uid, None)
+        routed = []
+        for run in self.store.unrouted_runs():
+            self.route(run)
+            routed.append(run)
+        return routed
+
+    def route(self, run: Run) -> None:
+        series = self.store.series_of(run.study_uid, run.version)
+        headers = StudyHeaders(
+            study_uid=run.study_uid,
+            series=[SeriesHeaders(series_uid=uid, header=_header(paths[0]), instance_count=len(paths))
+                    for uid, paths in series.items()],
+        )
+        routes = self.rules.route(headers)
+        ids = self.store.record_routes(run, [(r.rule, r.model, r.model_version, r.series_uid) for r in routes])
+        log.info("study %s run %d: %d job(s) %s", short(run.study_uid), run.version, len(ids),
+                 [r.model for r in routes] or "(no rule matched)")
+
+
+def _header(path: Path) -> object:
+    return dcmread(path, stop_before_pixels=True)
+
+
+def short(uid: str) -> str:
+    """A shortened UID for log lines."""
+    return f"…{uid[-12:]}" if len(uid) > 12 else uid

@@ -1,0 +1,110 @@
+"""``portico serve``: the SCP, the hand-off loop, the job runner and the dispatcher, in one process."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from appliance.audit import AuditEvent, AuditRecord
+from appliance.handoff import HandOff
+from appliance.jobs import JobRunner
+from appliance.models import ModelRegistry
+from appliance.settings import Settings
+from appliance.store import Store
+from dicom_router.dispatch import Dispatcher
+from dicom_router.rules import load_rules
+from dicom_router.scp import StorageSCP
+from inference.runtime.onnxruntime import SessionCache
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Everything ``portico serve`` runs. ``start()`` returns once the SCP is listening."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.data_dir, fsync=settings.storage.fsync,
+                           min_free_mb=settings.storage.min_free_mb)
+        self.rules = load_rules(settings.rules_path)
+        self.registry = ModelRegistry(settings.models_dir)
+        self.sessions = SessionCache()
+        self.handoff = HandOff(self.store, settings.router, self.rules)
+        self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
+        self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title)
+        self.scp = StorageSCP(settings.router, self.store)
+        self._stop = threading.Event()
+        self._wake_jobs = threading.Event()
+        self._wake_dispatch = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        resumed = self.store.resume_interrupted()
+        self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "start", "jobs_resumed": resumed}))
+        if resumed:
+            log.info("resumed %d interrupted job(s)", resumed)
+        self.scp.start()
+        self._spawn("handoff", self._handoff_loop)
+        for n in range(self.settings.inference.workers):
+            self._spawn(f"jobs-{n}", self._job_loop)
+        self._spawn("dispatch", self._dispatch_loop)
+        log.info("listening as %s on %s:%d", self.settings.router.ae_title, self.settings.router.bind_host,
+                 self.settings.router.port)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _guard(self, name: str, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    loop()
+                except Exception:  # keep the loop alive; the error is in the log
+                    log.exception("%s loop error", name)
+                    self._stop.wait(1.0)
+        return run
+
+    def _handoff_loop(self) -> None:
+        if self.handoff.tick():
+            self._wake_jobs.set()
+        self._stop.wait(self.settings.router.poll_seconds)
+
+    def _job_loop(self) -> None:
+        if self.runner.run_next() is not None:
+            self._wake_dispatch.set()
+            return
+        self._wake_jobs.wait(0.5)
+        self._wake_jobs.clear()
+
+    def _dispatch_loop(self) -> None:
+        self.dispatcher.run_once()
+        self._wake_dispatch.wait(self.settings.dispatch.poll_seconds)
+        self._wake_dispatch.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake_jobs.set()
+        self._wake_dispatch.set()
+        self.scp.stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "stop"}))
+        self.store.close()
+
+    def wait(self) -> None:
+        """Block until SIGTERM/SIGINT, then stop."""
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        done.wait()
+        log.info("stopping")
+        self.stop()

@@ -1,0 +1,520 @@
+"""The appliance's durable state: instances on disk plus one SQLite (WAL) index of everything.
+
+Implements :class:`dicom_router.ports.InstanceSink` and :class:`dicom_router.ports.Outbox`. Every
+hand-off is a transaction, so a crash at any point leaves a state that a restart resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from appliance.audit import AuditEvent, AuditRecord
+from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    received_count INTEGER NOT NULL DEFAULT 0,
+    expected_count INTEGER,
+    run_version INTEGER NOT NULL DEFAULT 0,
+    open INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    run_version INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid, series_uid);
+CREATE TABLE IF NOT EXISTS runs (
+    study_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created REAL NOT NULL,
+    reason TEXT NOT NULL,
+    instance_count INTEGER NOT NULL,
+    last_received REAL NOT NULL,
+    routed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (study_uid, version)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    run_version INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    model TEXT NOT NULL,
+    model_version TEXT,
+    series_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    provider TEXT,
+    package_hash TEXT,
+    timings TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (study_uid, run_version, rule)
+);
+CREATE TABLE IF NOT EXISTS results (
+    sop_instance_uid TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    event TEXT NOT NULL,
+    study_uid TEXT,
+    job_id INTEGER,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    reason TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    path TEXT NOT NULL
+);
+"""
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class OutboxState(StrEnum):
+    PENDING = "PENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class OpenStudy:
+    study_uid: str
+    calling_ae: str
+    last_received: float
+    received_count: int
+    expected_count: int | None
+
+
+@dataclass(frozen=True)
+class Run:
+    study_uid: str
+    version: int
+    reason: str
+    instance_count: int
+    last_received: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    run_version: int
+    rule: str
+    model: str
+    model_version: str | None
+    series_uid: str
+    state: JobState
+    attempts: int
+    error: str | None
+    provider: str | None
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    sop_instance_uid: str
+    kind: str
+    sop_class_uid: str
+    path: Path
+    detail: dict[str, Any]
+
+
+class Store:
+    """SQLite index + file tree under ``data_dir``. Thread-safe; one connection guarded by a lock."""
+
+    def __init__(self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
+        self.data_dir = data_dir
+        self.instances_dir = data_dir / "instances"
+        self.results_dir = data_dir / "results"
+        self.quarantine_dir = data_dir / "quarantine"
+        for folder in (self.instances_dir, self.results_dir, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(data_dir / "portico.sqlite3", check_same_thread=False,
+                                   isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the SCP acknowledges; costs one WAL fsync per instance
+        self._db.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, params))
+
+    # ---- audit -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit(db: sqlite3.Connection, rec: AuditRecord) -> None:
+        db.execute(
+            "INSERT INTO audit (ts, event, study_uid, job_id, actor, detail) VALUES (?,?,?,?,?,?)",
+            (time.time(), str(rec.event), rec.study_uid, rec.job_id, rec.actor,
+             json.dumps(rec.detail, sort_keys=True)),
+        )
+
+    def record(self, rec: AuditRecord) -> None:
+        with self._tx() as db:
+            self._audit(db, rec)
+
+    def audit_events(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT ts, event, study_uid, job_id, actor, detail FROM audit"
+        rows = self._query(sql + " WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid else \
+            self._query(sql + " ORDER BY id")
+        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+    # ---- InstanceSink ------------------------------------------------------------------------
+
+    def store(self, instance: ReceivedInstance) -> StoreOutcome:
+        for uid in (instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid):
+            if not UID_RE.match(uid) or len(uid) > 64:
+                raise ValueError("invalid UID in dataset")
+        if self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
+            self.record(AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
+                                    detail={"sop_instance_uid": instance.sop_instance_uid}))
+            return StoreOutcome.DUPLICATE
+        folder = self.instances_dir / instance.study_instance_uid / instance.series_instance_uid
+        path = folder / f"{instance.sop_instance_uid}.dcm"
+        self._write_durably(path, instance.data)
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, "
+                "transfer_syntax, path, size, received_at) VALUES (?,?,?,?,?,?,?,?)",
+                (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid,
+                 instance.sop_class_uid, instance.transfer_syntax_uid, str(path), len(instance.data), now),
+            )
+            if cur.rowcount == 0:
+                return StoreOutcome.DUPLICATE
+            db.execute(
+                "INSERT INTO studies (study_uid, calling_ae, first_received, last_received, received_count) "
+                "VALUES (?,?,?,?,1) ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received,"
+                " received_count=received_count+1, open=1",
+                (instance.study_instance_uid, instance.calling_ae_title, now, now),
+            )
+            self._audit(db, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid,
+                                        actor=instance.calling_ae_title,
+                                        detail={"sop_instance_uid": instance.sop_instance_uid,
+                                                "series_uid": instance.series_instance_uid,
+                                                "sop_class_uid": instance.sop_class_uid}))
+        return StoreOutcome.STORED
+
+    def _write_durably(self, path: Path, data: bytes) -> None:
+        folder = path.parent
+        if self.min_free_bytes:
+            st = os.statvfs(self.data_dir)
+            if st.f_bavail * st.f_frsize < self.min_free_bytes + len(data):
+                raise SinkFullError("not enough free space in the data folder")
+        new_folder = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.name}.{threading.get_ident()}.tmp"
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            if self.fsync:
+                _fsync_dir(folder)
+                if new_folder:
+                    _fsync_dir(folder.parent)
+                    _fsync_dir(folder.parent.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise SinkFullError("disk full") from exc
+            raise
+
+    def quarantine(self, data: bytes, reason: str, calling_ae_title: str, peer_address: str) -> str:
+        qid = uuid.uuid4().hex
+        path = self.quarantine_dir / f"{qid}.dcm"
+        self._write_durably(path, data)
+        with self._tx() as db:
+            db.execute("INSERT INTO quarantine (id, ts, reason, calling_ae, peer, path) VALUES (?,?,?,?,?,?)",
+                       (qid, time.time(), reason, calling_ae_title, peer_address, str(path)))
+            self._audit(db, AuditRecord(AuditEvent.QUARANTINED, actor=calling_ae_title,
+                                        detail={"quarantine_id": qid, "reason": reason}))
+        return qid
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM quarantine ORDER BY ts")]
+
+    # ---- studies and runs --------------------------------------------------------------------
+
+    def open_studies(self) -> list[OpenStudy]:
+        rows = self._query("SELECT study_uid, calling_ae, last_received, received_count, expected_count "
+                           "FROM studies WHERE open = 1")
+        return [OpenStudy(r["study_uid"], r["calling_ae"], r["last_received"], r["received_count"],
+                          r["expected_count"]) for r in rows]
+
+    def set_expected_count(self, study_uid: str, expected: int | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE studies SET expected_count = ? WHERE study_uid = ?", (expected, study_uid))
+
+    def hand_off(self, study_uid: str, reason: str) -> Run | None:
+        """Close the study's open instances into a new run version; ``None`` if nothing is new."""
+        with self._tx() as db:
+            row = db.execute("SELECT run_version, last_received, received_count FROM studies "
+                             "WHERE study_uid = ?", (study_uid,)).fetchone()
+            if row is None:
+                return None
+            fresh = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ? AND run_version IS NULL",
+                               (study_uid,)).fetchone()[0]
+            if fresh == 0:
+                db.execute("UPDATE studies SET open = 0 WHERE study_uid = ?", (study_uid,))
+                return None
+            version = int(row["run_version"]) + 1
+            db.execute("UPDATE instances SET run_version = ? WHERE study_uid = ? AND run_version IS NULL",
+                       (version, study_uid))
+            db.execute("UPDATE studies SET run_version = ?, open = 0 WHERE study_uid = ?", (version, study_uid))
+            run = Run(study_uid, version, reason, int(row["received_count"]), float(row["last_received"]))
+            db.execute("INSERT INTO runs (study_uid, version, created, reason, instance_count, last_received) "
+                       "VALUES (?,?,?,?,?,?)", (study_uid, version, time.time(), reason, run.instance_count,
+                                                run.last_received))
+            self._audit(db, AuditRecord(AuditEvent.STUDY_COMPLETE, study_uid,
+                                        detail={"run_version": version, "reason": reason,
+                                                "instances": run.instance_count}))
+        return run
+
+    def unrouted_runs(self) -> list[Run]:
+        rows = self._query("SELECT * FROM runs WHERE routed = 0 ORDER BY created")
+        return [Run(r["study_uid"], r["version"], r["reason"], r["instance_count"], r["last_received"])
+                for r in rows]
+
+    def run(self, study_uid: str, version: int) -> Run | None:
+        rows = self._query("SELECT * FROM runs WHERE study_uid = ? AND version = ?", (study_uid, version))
+        return Run(rows[0]["study_uid"], rows[0]["version"], rows[0]["reason"], rows[0]["instance_count"],
+                   rows[0]["last_received"]) if rows else None
+
+    def series_of(self, study_uid: str, up_to_version: int) -> dict[str, list[Path]]:
+        """Instance paths per series of a study, for runs up to ``up_to_version``."""
+        rows = self._query("SELECT series_uid, path FROM instances WHERE study_uid = ? AND run_version <= ? "
+                           "ORDER BY series_uid, path", (study_uid, up_to_version))
+        out: dict[str, list[Path]] = {}
+        for r in rows:
+            out.setdefault(r["series_uid"], []).append(Path(r["path"]))
+        return out
+
+    def instance_count(self, study_uid: str | None = None) -> int:
+        if study_uid is None:
+            return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,))[0][0])
+
+    def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str]]) -> list[int]:
+        """Create one PENDING job per (rule, model, model_version, series_uid) and mark the run routed."""
+        now = time.time()
+        ids: list[int] = []
+        with self._tx() as db:
+            for rule, model, model_version, series_uid in routes:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs (study_uid, run_version, rule, model, model_version, series_uid,"
+                    " state, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (run.study_uid, run.version, rule, model, model_version, series_uid, JobState.PENDING,
+                     now, now))
+                if cur.lastrowid and cur.rowcount:
+                    ids.append(int(cur.lastrowid))
+                    self._audit(db, AuditRecord(AuditEvent.ROUTED, run.study_uid, int(cur.lastrowid),
+                                                detail={"rule": rule, "model": model, "series_uid": series_uid,
+                                                        "run_version": run.version}))
+            if not routes:
+                self._audit(db, AuditRecord(AuditEvent.NO_MATCH, run.study_uid,
+                                            detail={"run_version": run.version}))
+            db.execute("UPDATE runs SET routed = 1 WHERE study_uid = ? AND version = ?",
+                       (run.study_uid, run.version))
+        return ids
+
+    # ---- jobs --------------------------------------------------------------------------------
+
+    def _job(self, r: sqlite3.Row) -> Job:
+        return Job(r["id"], r["study_uid"], r["run_version"], r["rule"], r["model"], r["model_version"],
+                   r["series_uid"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
+                   json.loads(r["timings"]) if r["timings"] else {})
+
+    def jobs(self, study_uid: str | None = None) -> list[Job]:
+        rows = self._query("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid \
+            else self._query("SELECT * FROM jobs ORDER BY id")
+        return [self._job(r) for r in rows]
+
+    def claim_job(self) -> Job | None:
+        """Take the oldest due PENDING job and mark it RUNNING."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT 1",
+                             (JobState.PENDING, time.time())).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?",
+                       (JobState.RUNNING, time.time(), row["id"]))
+            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, row["study_uid"], row["id"],
+                                        detail={"state": JobState.RUNNING, "attempt": row["attempts"] + 1}))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        return self._job(row)
+
+    def resume_interrupted(self) -> int:
+        """After a crash: every RUNNING job goes back to PENDING."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, study_uid FROM jobs WHERE state = ?", (JobState.RUNNING,)).fetchall()
+            for r in rows:
+                db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?",
+                           (JobState.PENDING, time.time(), r["id"]))
+                self._audit(db, AuditRecord(AuditEvent.JOB_STATE, r["study_uid"], r["id"],
+                                            detail={"state": JobState.PENDING, "reason": "resumed after restart"}))
+        return len(rows)
+
+    def complete_job(self, job: Job, results: list[ResultFile], destinations: list[str], provider: str,
+                     package_hash: str, timings: dict[str, float]) -> None:
+        """Record the results and queue them for every destination, atomically."""
+        now = time.time()
+        with self._tx() as db:
+            for res in results:
+                db.execute("INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, sop_class_uid, path,"
+                           " detail) VALUES (?,?,?,?,?,?)", (res.sop_instance_uid, job.id, res.kind,
+                                                            res.sop_class_uid, str(res.path),
+                                                            json.dumps(res.detail)))
+                for dest in destinations:
+                    db.execute("INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
+                               "sop_class_uid, path, state, created) VALUES (?,?,?,?,?,?,?)",
+                               (job.id, dest, res.sop_instance_uid, res.sop_class_uid, str(res.path),
+                                OutboxState.PENDING, now))
+            db.execute("UPDATE jobs SET state = ?, error = NULL, provider = ?, package_hash = ?, timings = ?, "
+                       "updated = ? WHERE id = ?", (JobState.DONE, provider, package_hash, json.dumps(timings),
+                                                   now, job.id))
+            self._audit(db, AuditRecord(AuditEvent.INFERRED, job.study_uid, job.id,
+                                        detail={"model": job.model, "package_hash": package_hash,
+                                                "provider": provider,
+                                                "results": [r.sop_instance_uid for r in results]}))
+            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
+                                        detail={"state": JobState.DONE}))
+
+    def fail_job(self, job: Job, error: str, code: str, retry_in: float | None) -> None:
+        """FAILED for good, or back to PENDING after ``retry_in`` seconds."""
+        state = JobState.PENDING if retry_in is not None else JobState.FAILED
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, error = ?, next_attempt_at = ?, updated = ? WHERE id = ?",
+                       (state, f"{code}: {error}", time.time() + (retry_in or 0), time.time(), job.id))
+            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
+                                        detail={"state": state, "code": code, "error": error}))
+
+    def results(self, job_id: int | None = None) -> list[ResultFile]:
+        rows = self._query("SELECT * FROM results WHERE job_id = ?", (job_id,)) if job_id is not None \
+            else self._query("SELECT * FROM results")
+        return [ResultFile(r["sop_instance_uid"], r["kind"], r["sop_class_uid"], Path(r["path"]),
+                           json.loads(r["detail"] or "{}")) for r in rows]
+
+    # ---- Outbox ------------------------------------------------------------------------------
+
+    def due(self, limit: int) -> list[OutboxItem]:
+        rows = self._query("SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                           (OutboxState.PENDING, time.time(), limit))
+        return [OutboxItem(r["id"], r["destination"], Path(r["path"]), r["sop_class_uid"],
+                           r["sop_instance_uid"], r["attempts"]) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT o.*, j.study_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
+                             "WHERE o.id = ?", (item_id,)).fetchone()
+            db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, sent_at = ?, last_error = NULL "
+                       "WHERE id = ?", (OutboxState.SENT, time.time(), item_id))
+            if row is not None:
+                self._audit(db, AuditRecord(AuditEvent.DISPATCHED, row["study_uid"], row["job_id"],
+                                            detail={"destination": row["destination"],
+                                                    "sop_instance_uid": row["sop_instance_uid"]}))
+
+    def mark_failed(self, item_id: int, error: str, retry_in_seconds: float, permanent: bool) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT o.*, j.study_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
+                             "WHERE o.id = ?", (item_id,)).fetchone()
+            db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
+                       " WHERE id = ?", (OutboxState.FAILED if permanent else OutboxState.PENDING,
+                                         time.time() + retry_in_seconds, error, item_id))
+            if row is not None:
+                self._audit(db, AuditRecord(AuditEvent.DISPATCH_FAILED, row["study_uid"], row["job_id"],
+                                            detail={"destination": row["destination"], "error": error,
+                                                    "permanent": permanent, "retry_in": retry_in_seconds}))
+
+    def outbox(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM outbox ORDER BY id")]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

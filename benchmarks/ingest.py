@@ -1,0 +1,342 @@
+"""C-STORE receive benchmark: our StorageSCP against DCMTK storescp and Orthanc, side by side.
+
+One run sends the same cached 300-slice 512x512 CT (about 158 MB) with ``storescu`` (env
+``TCP_NODELAY=1``) to 127.0.0.1 into each receiver, ``--reps`` times each, a fresh receiver process
+per rep, and measures instances/s, MB/s, the receiver's CPU seconds (utime+stime from /proc) and
+its peak RSS (VmHWM). Results go to the ``ingest`` section of ``BENCHMARKS.md``.
+
+    .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,storescp,orthanc]
+
+Receivers, all durable per instance:
+
+* ``portico``: :class:`dicom_router.scp.StorageSCP` in a subprocess with a sink that writes each
+  instance to a temp file, fsyncs it and renames it into place (``appliance.store.Store`` when it
+  exists and is given with ``--sink store``);
+* ``storescp``: DCMTK ``storescp -od DIR`` with env ``TCP_NODELAY=1`` (no fsync: DCMTK has none);
+* ``orthanc``: ``Orthanc cfg.json`` with ``SyncStorageArea: true`` (fsync), env ``TCP_NODELAY=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dicom_router.ports import ReceivedInstance, StoreOutcome  # noqa: E402
+
+SHAPE = (300, 512, 512)
+CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
+START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def ensure_study() -> list[Path]:
+    """The cached 300-slice CT; made once (about 20 s) and reused by later runs."""
+    folder = CACHE / "ct300x512"
+    done = folder / ".complete"
+    if done.is_file():
+        return sorted(folder.glob("CT*.dcm"))
+    from appliance.demo_study import write_ct_series
+    from inference.phantom import make_phantom
+
+    shutil.rmtree(folder, ignore_errors=True)
+    phantom = make_phantom(SHAPE, spacing=(1.0, 0.7, 0.7), seed=7)
+    written = write_ct_series(phantom.hu, phantom.spacing, folder, seed=7,
+                              series_description="Benchmark phantom 1mm")
+    done.write_text(f"{len(written.paths)}\n")
+    return written.paths
+
+
+# --- our SCP as a subprocess ----------------------------------------------------------------------
+
+class FsyncSink:
+    """Durable like the appliance store: temp file, fsync, rename; duplicates by SOP Instance UID."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seen: set[str] = set()
+
+    def store(self, instance: ReceivedInstance) -> StoreOutcome:
+        if instance.sop_instance_uid in self.seen:
+            return StoreOutcome.DUPLICATE
+        path = self.root / f"{instance.sop_instance_uid}.dcm"
+        tmp = self.root / f".{instance.sop_instance_uid}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(fd, instance.data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self.seen.add(instance.sop_instance_uid)
+        return StoreOutcome.STORED
+
+    def quarantine(self, data: bytes, reason: str, calling_ae_title: str, peer_address: str) -> str:
+        (self.root / "quarantine.bin").write_bytes(data)
+        return "q"
+
+
+def serve(port: int, out: Path, sink_kind: str) -> int:
+    """Run our StorageSCP until SIGTERM (the benchmark's receiver subprocess)."""
+    from dicom_router.scp import StorageSCP
+    from dicom_router.settings import Peer, RouterSettings
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    sink: object
+    if sink_kind == "store":
+        from appliance.store import Store  # type: ignore[import-not-found]
+
+        sink = Store(out)  # pragma: no cover - depends on the appliance's store
+    else:
+        sink = FsyncSink(out)
+    settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),))
+    scp = StorageSCP(settings, sink)  # type: ignore[arg-type]
+    scp.start()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    scp.stop()
+    return 0
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    receiver: str
+    instances: int
+    received: int
+    wall: float
+    cpu: float
+    rss_mb: float
+    bytes_sent: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited early with {proc.returncode}")
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} not open after {timeout}s")
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime are fields 14-17 (1-based) of the whole line
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def proc_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def send(port: int, called: str, files: list[Path]) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    cmd = ["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr.decode()[-500:]}")
+    return wall
+
+
+def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[subprocess.Popen[bytes], str]],
+            count: Callable[[Path, int], int]) -> Sample:
+    work = Path(tempfile.mkdtemp(prefix=f"ingest-{name}-", dir=CACHE))
+    port = free_port()
+    proc, called = start(work, port)
+    try:
+        wait_port(port, proc)
+        subprocess.run(["sync"], check=True)
+        cpu0 = proc_cpu(proc.pid)
+        wall = send(port, called, files)
+        cpu = proc_cpu(proc.pid) - cpu0
+        rss = proc_hwm_mb(proc.pid)
+        received = count(work, port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return Sample(name, len(files), received, wall, cpu, rss, sum(p.stat().st_size for p in files))
+
+
+def start_portico(sink_kind: str) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
+    def start(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+        out = work / "in"
+        out.mkdir()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), str(out),
+               "--sink", sink_kind]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb")), "PORTICO"
+    return start
+
+
+def start_storescp(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    out = work / "in"
+    out.mkdir()
+    env = dict(os.environ, TCP_NODELAY="1")
+    cmd = ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "STORESCP"
+
+
+def orthanc_http_port(work: Path) -> int:
+    return int(json.loads((work / "cfg.json").read_text())["HttpPort"])
+
+
+def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    cfg = {
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(),
+        "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "StorageCompression": False, "SyncStorageArea": True, "Plugins": [], "SaveJobs": False,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+        "DicomServerEnabled": True,
+    }
+    (work / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen(["Orthanc", str(work / "cfg.json")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=(work / "log").open("wb"))
+    return proc, "ORTHANC"
+
+
+def count_files(work: Path, port: int) -> int:
+    return sum(1 for p in (work / "in").iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def count_orthanc(work: Path, port: int) -> int:
+    url = f"http://127.0.0.1:{orthanc_http_port(work)}/statistics"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - localhost only
+        return int(json.load(response)["CountInstances"])
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def summary(values: list[float], fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def report(samples: dict[str, list[Sample]], reps: int) -> str:
+    labels = {
+        "portico": "Portico StorageSCP (pynetdicom, raw bytes, fsync per instance)",
+        "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",
+        "orthanc": "Orthanc (TCP_NODELAY=1, SyncStorageArea=true)",
+    }
+    first = next(iter(samples.values()))[0]
+    lines = [
+        START,
+        "## C-STORE ingest (`benchmarks/ingest.py`)",
+        "",
+        f"{first.instances} × CT 512×512 uncompressed ({first.bytes_sent / 1e6:.1f} MB), one association "
+        "from DCMTK `storescu` (env `TCP_NODELAY=1`) on 127.0.0.1; a fresh receiver process per rep; "
+        f"median [min–max] of {reps} reps. Receiver CPU = utime+stime from /proc over the send; "
+        "peak RSS = VmHWM.",
+        f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
+        f"run {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "| receiver | inst/s | MB/s | wall s | receiver CPU s | peak RSS MB | all stored |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    medians: dict[str, float] = {}
+    for name, runs in samples.items():
+        rates = [s.instances / s.wall for s in runs]
+        medians[name] = statistics.median(rates)
+        lines.append(
+            f"| {labels.get(name, name)} | {summary(rates)} | "
+            f"{summary([s.bytes_sent / 1e6 / s.wall for s in runs])} | "
+            f"{summary([s.wall for s in runs], '{:.2f}')} | {summary([s.cpu for s in runs], '{:.2f}')} | "
+            f"{summary([s.rss_mb for s in runs], '{:.0f}')} | "
+            f"{'yes' if all(s.received == s.instances for s in runs) else 'NO'} |"
+        )
+    if "portico" in medians:
+        lines.append("")
+        for other in ("orthanc", "storescp"):
+            if other in medians:
+                lines.append(f"* Portico / {other}: **{medians['portico'] / medians[other]:.2f}×** "
+                             "(median inst/s)")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> Path:
+    path = REPO / "BENCHMARKS.md"
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--receivers", default="portico,storescp,orthanc")
+    parser.add_argument("--sink", choices=("fsync", "store"), default="fsync")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink)
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    files = ensure_study()
+    starters = {
+        "portico": (start_portico(args.sink), count_files),
+        "storescp": (start_storescp, count_files),
+        "orthanc": (start_orthanc, count_orthanc),
+    }
+    names = [n.strip() for n in args.receivers.split(",") if n.strip()]
+    samples: dict[str, list[Sample]] = {n: [] for n in names}
+    for rep in range(args.reps):
+        for name in names:
+            start, count = starters[name]
+            sample = measure(name, files, start, count)
+            samples[name].append(sample)
+            print(f"rep {rep + 1} {name:9s} {sample.instances / sample.wall:7.1f} inst/s "
+                  f"wall {sample.wall:.2f}s cpu {sample.cpu:.2f}s rss {sample.rss_mb:.0f}MB "
+                  f"stored {sample.received}/{sample.instances}", flush=True)
+    text = report(samples, args.reps)
+    print(text)
+    if not args.no_write:
+        print(f"wrote {write_section(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

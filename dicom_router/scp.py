@@ -1,0 +1,330 @@
+"""The C-STORE / C-ECHO listener: allow-listed peers in, raw bytes handed to a durable sink.
+
+The received dataset is never decoded: the bytes that came off the wire (with a file meta header
+built from the association) go to :class:`~dicom_router.ports.InstanceSink` as they are, and only
+the four UIDs the store indexes are parsed from the header. The peer gets its C-STORE response only
+after the sink has returned, so an acknowledged instance is a durable one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_router.errors import RouterError
+from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
+from dicom_router.settings import RouterSettings
+
+LOGGER = logging.getLogger(__name__)
+
+#: every transfer syntax a still image (or SR/SEG) arrives in; we never decode them, so all are cheap
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_MISSING_UIDS = 0xC212
+STATUS_UNEXPECTED = 0xC211
+
+_HEADER_TAGS = [
+    Tag(0x0008, 0x0016),  # SOPClassUID
+    Tag(0x0008, 0x0018),  # SOPInstanceUID
+    Tag(0x0020, 0x000D),  # StudyInstanceUID
+    Tag(0x0020, 0x000E),  # SeriesInstanceUID
+]
+_UID_CHARS = re.compile(r"[0-9.]{1,64}")
+#: longer than any AE title can be, so nobody matches it
+_NOBODY = "<no AE title is allowed from this address>"
+
+
+def short_uid(uid: str) -> str:
+    """The tail of a UID, enough to tell instances apart in logs."""
+    return f"…{uid[-12:]}" if len(uid) > 12 else uid
+
+
+def normalise_address(address: str) -> str:
+    """An IPv4 peer seen through an IPv6 socket (``::ffff:a.b.c.d``) as plain ``a.b.c.d``."""
+    return address[7:] if address.startswith("::ffff:") else address
+
+
+def quiet_pynetdicom() -> None:
+    """Keep identifiers (patient name, ID) out of pynetdicom's logs, process-wide."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    # the per-PDU "standard" handlers log at DEBUG and cost CPU on every PDU even when filtered
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _AllowListAE(AE):  # type: ignore[misc]
+    """An AE whose calling-AE allow-list depends on the address of the association asking.
+
+    pynetdicom checks ``require_calling_aet`` while negotiating, inside the acceptor's own thread
+    (an :class:`~pynetdicom.association.Association`), so the list can be computed for that peer and
+    the standard A-ASSOCIATE-RJ (calling AE title not recognised) is sent for everyone else.
+    """
+
+    def __init__(self, ae_title: str, allowed: dict[str, frozenset[str]]) -> None:
+        self._allowed = allowed
+        super().__init__(ae_title)
+
+    @property
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if not isinstance(assoc, Association):
+            return sorted({title for titles in self._allowed.values() for title in titles})
+        address = normalise_address(str(assoc.requestor.address))
+        titles = self._allowed.get(address)
+        return sorted(titles) if titles else [_NOBODY]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        # AE.__init__ assigns [] here; the allow-list comes from the settings instead
+        if ae_titles:
+            raise ValueError("the allow-list comes from RouterSettings.peers")
+
+
+class StorageSCP:
+    """C-STORE and C-ECHO SCP for the peers in ``settings.peers``; instances go to ``sink``.
+
+    Parameters
+    ----------
+    settings
+        Listener address, AE title, max PDU and the allow-listed peers.
+    sink
+        Durable storage; ``store`` must return only once the instance is safe.
+    """
+
+    def __init__(self, settings: RouterSettings, sink: InstanceSink) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._server: ThreadedAssociationServer | None = None
+        allowed: dict[str, set[str]] = {}
+        for peer in settings.peers:
+            for host in peer.hosts:
+                allowed.setdefault(normalise_address(host), set()).add(peer.ae_title.strip())
+        self._allowed = {host: frozenset(titles) for host, titles in allowed.items()}
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Host and port the server is bound to (the real port, also when settings said 0)."""
+        if self._server is None:
+            raise RouterError("the storage SCP is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None
+
+    def _make_ae(self) -> AE:
+        ae = _AllowListAE(self._settings.ae_title, self._allowed)
+        ae.maximum_pdu_size = self._settings.max_pdu
+        # a peer that stalls mid-association is dropped rather than held forever
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.maximum_associations = 16
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def start(self) -> None:
+        """Start listening in background threads; returns at once."""
+        if self._server is not None:
+            return
+        quiet_pynetdicom()
+        ae = self._make_ae()
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REJECTED, _on_rejected),
+            (evt.EVT_ACCEPTED, _on_accepted),
+        ]
+        self._server = ae.start_server(
+            (self._settings.bind_host, self._settings.port), block=False, evt_handlers=handlers
+        )
+        host, port = self.address
+        LOGGER.info("storage SCP %s listening on %s:%d (%d peers allowed)", self._settings.ae_title,
+                    host, port, len(self._settings.peers))
+
+    def stop(self) -> None:
+        """Stop listening and end running associations."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        LOGGER.info("storage SCP %s stopped", self._settings.ae_title)
+
+    def __enter__(self) -> StorageSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- C-STORE -------------------------------------------------------------------------------
+
+    def _on_store(self, event: Event) -> Dataset | int:
+        requestor = event.assoc.requestor
+        calling = str(requestor.ae_title)
+        peer = normalise_address(str(requestor.address))
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:
+            LOGGER.exception("C-STORE from %s: could not take the received bytes", calling)
+            return _status(STATUS_UNEXPECTED, "internal error")
+        try:
+            return self._store(event, data, calling, peer)
+        except Exception:
+            LOGGER.exception("C-STORE from %s: unexpected error", calling)
+            return _status(STATUS_UNEXPECTED, "internal error")
+
+    def _store(self, event: Event, data: bytes, calling: str, peer: str) -> Dataset | int:
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            header = _read_header(data, str(event.request.AffectedSOPClassUID))
+        except _Rejected as exc:
+            return self._quarantine(data, exc, calling, peer)
+        instance = ReceivedInstance(
+            sop_class_uid=header[0],
+            sop_instance_uid=header[1],
+            study_instance_uid=header[2],
+            series_instance_uid=header[3],
+            transfer_syntax_uid=transfer_syntax,
+            calling_ae_title=calling,
+            peer_address=peer,
+            data=data,
+        )
+        try:
+            outcome = self._sink.store(instance)
+        except SinkFullError:
+            LOGGER.error("C-STORE from %s: sink full, answering 0xA700 (instance %s)", calling,
+                         short_uid(instance.sop_instance_uid))
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: storage full")
+        if outcome is StoreOutcome.DUPLICATE:
+            LOGGER.debug("C-STORE from %s: duplicate instance %s", calling,
+                         short_uid(instance.sop_instance_uid))
+        return STATUS_SUCCESS
+
+    def _quarantine(self, data: bytes, exc: _Rejected, calling: str, peer: str) -> Dataset:
+        try:
+            qid = self._sink.quarantine(data, exc.reason, calling, peer)
+        except SinkFullError:
+            LOGGER.error("C-STORE from %s rejected (%s); quarantine full", calling, exc.reason)
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: storage full")
+        LOGGER.warning("C-STORE from %s rejected with 0x%04X (%s); quarantined as %s", calling,
+                       exc.status, exc.reason, qid)
+        return _status(exc.status, exc.reason)
+
+
+def _read_header(data: bytes, requested_sop_class: str) -> tuple[str, str, str, str]:
+    """SOP class, SOP instance, study and series UIDs from a Part 10 byte string.
+
+    Only the four elements are parsed (the walk stops before pixel data); raises ``_Rejected``.
+    """
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        uids = (ds.get("SOPClassUID"), ds.get("SOPInstanceUID"), ds.get("StudyInstanceUID"),
+                ds.get("SeriesInstanceUID"))
+    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError, IndexError,
+            NotImplementedError, AttributeError, OverflowError) as exc:
+        raise _Rejected(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__})") from exc
+    missing = [name for name, uid in zip(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                          "SeriesInstanceUID"), uids, strict=True)
+               if not isinstance(uid, str) or not uid.strip()]
+    if missing:
+        raise _Rejected(STATUS_MISSING_UIDS, f"missing {', '.join(missing)}")
+    values = tuple(str(uid).strip().rstrip("\x00") for uid in uids)
+    # digits and dots only: the store may name files after these
+    if any(_UID_CHARS.fullmatch(value) is None for value in values):
+        raise _Rejected(STATUS_CANNOT_UNDERSTAND, "invalid UID in header")
+    if values[0] != requested_sop_class:
+        raise _Rejected(STATUS_SOP_CLASS_MISMATCH, "SOP Class UID differs from the C-STORE request")
+    return values[0], values[1], values[2], values[3]
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def _on_conn_open(event: Event) -> None:
+    # one association thread receives while another answers; a shorter DUL poll sleep than
+    # pynetdicom's 1 ms lets the response go out (and the next PDU be noticed) sooner
+    event.assoc.dul._run_loop_delay = 0.0002
+
+
+def _on_rejected(event: Event) -> None:
+    requestor = event.assoc.requestor
+    LOGGER.warning("association rejected: calling AE %r from %s is not allow-listed",
+                   str(requestor.ae_title), normalise_address(str(requestor.address)))
+
+
+def _on_accepted(event: Event) -> None:
+    requestor = event.assoc.requestor
+    LOGGER.info("association accepted: calling AE %r from %s", str(requestor.ae_title),
+                normalise_address(str(requestor.address)))
