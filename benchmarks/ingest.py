@@ -52,7 +52,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def ensure_study() -> list[Path]:
     """The cached 300-slice CT; made once (about 20 s) and reused by later runs."""
     folder = CACHE / "ct300x512"
-    done = folder / ".complete"
+    done = CACHE / "ct300x512.complete"
     if done.is_file():
         return sorted(folder.glob("CT*.dcm"))
     from appliance.demo_study import write_ct_series

@@ -315,7 +315,7 @@ def _status(code: int, comment: str) -> Dataset:
 def _on_conn_open(event: Event) -> None:
     # one association thread receives while another answers; a shorter DUL poll sleep than
     # pynetdicom's 1 ms lets the response go out (and the next PDU be noticed) sooner
-    event.assoc.dul._run_loop_delay = 0.0002
+    event.assoc.dul._run_loop_delay = float(__import__("os").environ.get("DULDELAY", "0.0002"))
 
 
 def _on_rejected(event: Event) -> None:

@@ -8,7 +8,7 @@ is decoded, then every slice is decoded straight into one preallocated float32 a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,7 +18,7 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.pixels.utils import iter_pixels, pixel_array
 
 from inference.errors import SeriesError
 
@@ -325,11 +325,10 @@ def _sort_and_check(planes: list[_Plane], first: Dataset) -> tuple[list[_Plane],
     tol = max(POSITION_TOL_MM, SPACING_TOL * step)
     bad = np.abs(gaps - step) > tol
     if np.any(bad):
-        i = int(np.argmax(bad))
-        ratio = gaps[i] / step
-        if np.any(gaps[bad] > step + tol) and abs(ratio - round(ratio)) * step <= tol * round(ratio) \
-                and round(ratio) >= 2:
-            raise SeriesError(f"missing slices: gap of {gaps[i]:.2f} mm (about {round(ratio) - 1} slice(s)) "
+        i = int(np.argmax(np.abs(gaps - step)))
+        multiple = round(float(gaps[i]) / step)
+        if multiple >= 2 and abs(gaps[i] - multiple * step) <= tol * multiple:
+            raise SeriesError(f"missing slices: gap of {gaps[i]:.2f} mm (about {multiple - 1} slice(s)) "
                               f"at {distance[i]:.2f} mm along the normal, where the spacing is {step:.2f} mm")
         raise SeriesError(f"uneven slice spacing: gaps from {gaps.min():.3f} to {gaps.max():.3f} mm "
                           f"(median {step:.3f} mm)")
@@ -341,11 +340,14 @@ def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, p
     """Decode every frame of instance ``k`` into its slices of ``hu``, rescaled."""
     by_frame = {p.frame: p for p in planes if p.instance == k}
     try:
+        frames: Iterator[tuple[int, NDArray[Any]]]
         if "PerFrameFunctionalGroupsSequence" in header:
             frames = enumerate(iter_pixels(path), start=1)
         else:
             frames = iter([(1, pixel_array(path))])
+        decoded = 0
         for frame, arr in frames:
+            decoded += 1
             if arr.shape != shape:
                 raise SeriesError(f"instance {k} frame {frame}: decoded shape {arr.shape} is not {shape}")
             plane = by_frame[frame]
@@ -355,7 +357,10 @@ def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, p
                 out *= np.float32(plane.slope)
             if plane.intercept != 0.0:
                 out += np.float32(plane.intercept)
+        if decoded != len(by_frame):
+            raise SeriesError(f"instance {k}: {decoded} frame(s) of pixel data for {len(by_frame)} declared")
     except SeriesError:
         raise
     except Exception as exc:  # decoders raise many types; all mean "this pixel data is unusable"
-        raise SeriesError(f"instance {k}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise SeriesError(f"instance {k}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
+                          ) from exc

@@ -1,0 +1,71 @@
+"""Per-segment measurements of a label map on its source volume: size and intensity statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inference.packages import Segment
+from inference.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentMeasurement:
+    """What was measured for one segment; intensity statistics are ``None`` for an empty segment.
+
+    Intensities are in the volume's modality units (HU for CT); the standard deviation is the
+    population one (``ddof=0``) over the segment's voxels.
+    """
+
+    label: int
+    name: str
+    voxel_count: int
+    #: millilitres (cm³)
+    volume_ml: float
+    mean: float | None
+    stddev: float | None
+    min: float | None
+    max: float | None
+
+
+def measure(labels: NDArray[np.uint8], volume: Volume, segments: Sequence[Segment]) -> list[SegmentMeasurement]:
+    """Measure each segment of ``labels`` (z, y, x) on ``volume``, in the order of ``segments``.
+
+    Raises
+    ------
+    ValueError
+        When ``labels`` does not have the volume's shape.
+    """
+    if labels.shape != volume.hu.shape:
+        raise ValueError(f"label map shape {labels.shape} does not match the volume {volume.hu.shape}")
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    # a per-slice histogram finds each segment's z extent, so each segment is masked only where it is
+    per_slice = np.stack([np.bincount(labels[z].ravel(), minlength=256) for z in range(labels.shape[0])])
+    out = []
+    for segment in segments:
+        counts = per_slice[:, segment.label]
+        count = int(counts.sum())
+        if count == 0:
+            out.append(SegmentMeasurement(segment.label, segment.name, 0, 0.0, None, None, None, None))
+            continue
+        present = np.flatnonzero(counts)
+        z0, z1 = int(present[0]), int(present[-1]) + 1
+        values = volume.hu[z0:z1][labels[z0:z1] == segment.label].astype(np.float64)
+        out.append(SegmentMeasurement(
+            label=segment.label,
+            name=segment.name,
+            voxel_count=count,
+            volume_ml=count * voxel_ml,
+            mean=float(values.mean()),
+            stddev=float(values.std()),
+            min=float(values.min()),
+            max=float(values.max()),
+        ))
+    logger.debug("measured %d segment(s) over %d voxels", len(out), labels.size)
+    return out

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.store import JobState, OutboxState, ResultFile, Store
+from dicom_router.ports import ReceivedInstance, SinkFullError, StoreOutcome
+
+STUDY = "1.2.3.4"
+SERIES = "1.2.3.4.5"
+
+
+def instance(n: int, study: str = STUDY) -> ReceivedInstance:
+    return ReceivedInstance(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"{SERIES}.{n}",
+                            study_instance_uid=study, series_instance_uid=SERIES, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                            calling_ae_title="PACS", peer_address="127.0.0.1", data=b"DICM" + bytes([n]) * 100)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "var")
+    yield s
+    s.close()
+
+
+def test_store_writes_file_and_index_and_audits(store: Store) -> None:
+    assert store.store(instance(1)) is StoreOutcome.STORED
+    path = store.instances_dir / STUDY / SERIES / f"{SERIES}.1.dcm"
+    assert path.read_bytes() == instance(1).data
+    assert store.instance_count(STUDY) == 1
+    assert [e["event"] for e in store.audit_events(STUDY)] == ["received"]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_duplicate_sop_instance_is_idempotent(store: Store) -> None:
+    store.store(instance(1))
+    assert store.store(instance(1)) is StoreOutcome.DUPLICATE
+    assert store.instance_count() == 1
+    assert store.open_studies()[0].received_count == 1
+
+
+@pytest.mark.parametrize("uid", ["../../etc", "1.2.x", "1." * 40])
+def test_uids_that_could_escape_the_folder_are_refused(store: Store, uid: str) -> None:
+    bad = ReceivedInstance("1.2", uid, STUDY, SERIES, "1.2", "PACS", "127.0.0.1", b"x")
+    with pytest.raises(ValueError):
+        store.store(bad)
+    assert store.instance_count() == 0
+
+
+def test_disk_full_raises_sink_full(tmp_path: Path) -> None:
+    s = Store(tmp_path / "v", min_free_mb=10**9)
+    with pytest.raises(SinkFullError):
+        s.store(instance(1))
+    assert s.instance_count() == 0
+    s.close()
+
+
+def test_quarantine_keeps_the_bytes(store: Store) -> None:
+    qid = store.quarantine(b"garbage", "cannot parse", "PACS", "127.0.0.1")
+    rows = store.quarantined()
+    assert rows[0]["id"] == qid and Path(rows[0]["path"]).read_bytes() == b"garbage"
+
+
+def test_hand_off_versions_and_late_instances(store: Store) -> None:
+    store.store(instance(1))
+    store.store(instance(2))
+    run1 = store.hand_off(STUDY, "quiet")
+    assert run1 is not None and run1.version == 1 and run1.instance_count == 2
+    assert store.open_studies() == []
+    assert store.hand_off(STUDY, "quiet") is None  # nothing new
+    store.store(instance(3))  # late: reopens the study
+    assert [s.study_uid for s in store.open_studies()] == [STUDY]
+    run2 = store.hand_off(STUDY, "quiet")
+    assert run2 is not None and run2.version == 2
+    assert len(store.series_of(STUDY, 1)[SERIES]) == 2
+    assert len(store.series_of(STUDY, 2)[SERIES]) == 3
+
+
+def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path) -> None:
+    store = Store(tmp_path / "var")
+    store.store(instance(1))
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    assert len(store.record_routes(run, [("r", "m", None, SERIES)])) == 1
+    assert store.record_routes(run, [("r", "m", None, SERIES)]) == []  # routing again adds nothing
+    job = store.claim_job()
+    assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
+    store.close()  # "crash" while RUNNING
+    store = Store(tmp_path / "var")
+    assert store.claim_job() is None
+    assert store.resume_interrupted() == 1
+    again = store.claim_job()
+    assert again is not None and again.id == job.id and again.attempts == 2
+    store.close()
+
+
+def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -> None:
+    store.store(instance(1))
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    store.record_routes(run, [("r", "m", None, SERIES)])
+    job = store.claim_job()
+    assert job is not None
+    res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
+    store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
+    store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
+    due = store.due(10)
+    assert sorted(i.destination for i in due) == ["archive", "pacs"]
+    store.mark_failed(due[0].id, "refused", retry_in_seconds=3600, permanent=False)
+    store.mark_sent(due[1].id)
+    assert store.due(10) == []
+    states = {o["destination"]: o["state"] for o in store.outbox()}
+    assert states[due[1].destination] == OutboxState.SENT
+    assert states[due[0].destination] == OutboxState.PENDING
+    assert store.jobs()[0].state is JobState.DONE
+    events = [e["event"] for e in store.audit_events(STUDY)]
+    for expected in ("received", "study_complete", "routed", "job_state", "inferred", "dispatched",
+                     "dispatch_failed"):
+        assert expected in events
