@@ -20,6 +20,19 @@ class AuditEvent(StrEnum):
     DISPATCH_FAILED = "dispatch_failed"
     MODEL_LOADED = "model_loaded"
     SERVICE = "service"
+    FL_ENROLLED = "fl_enrolled"
+    FL_CLIENT = "fl_client"
+    FL_JOB_WAITING = "fl_job_waiting"
+    FL_JOB_APPROVED = "fl_job_approved"
+    FL_JOB_REJECTED = "fl_job_rejected"
+    FL_ROUND = "fl_round"
+    FL_JOB_FINISHED = "fl_job_finished"
+    FL_EXPORTED = "fl_exported"
+    MODEL_ADDED = "model_added"
+    MODEL_PROMOTED = "model_promoted"
+    MODEL_ENABLED = "model_enabled"
+    MODEL_DISABLED = "model_disabled"
+    MODEL_REFUSED = "model_refused"
 
 
 @dataclass(frozen=True)

@@ -167,11 +167,20 @@ class Demo:
         try:
             jobs = store.jobs(study_uid)
             facts: dict[str, Any] = {"jobs": []}
+            sent = {o["sop_instance_uid"]: o["sent_at"] for o in store.outbox() if o["sent_at"]}
             for job in jobs:
-                sr = [r for r in store.results(job.id) if r.kind == "sr"]
+                results = store.results(job.id)
+                sr = [r for r in results if r.kind == "sr"]
+                run = store.run(study_uid, job.run_version)
+                stages = {"completeness": run.created - run.last_received} if run else {}
+                stages.update(job.timings)
+                sent_at = [sent[r.sop_instance_uid] for r in results if r.sop_instance_uid in sent]
+                if sent_at and len(sent_at) == len(results):
+                    stages["dispatch"] = max(sent_at) - job.updated
                 facts["jobs"].append({
                     "model": job.model, "state": str(job.state), "provider": job.provider,
-                    "stage_seconds": {k: round(v, 2) for k, v in job.timings.items()},
+                    "run_version": job.run_version,
+                    "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
                     "measurements": sr[0].detail.get("measurements", []) if sr else [],
                 })
             facts["audit_events"] = len(store.audit_events(study_uid))

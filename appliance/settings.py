@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_router.settings import DispatchSettings, RouterSettings
+from fl_client.settings import FLSettings
 from inference.settings import InferenceSettings
 
 CONFIG_ENV = "PORTICO_CONFIG"
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = InferenceSettings()
     jobs: JobSettings = JobSettings()
     api: ApiSettings = ApiSettings()
+    fl: FLSettings = FLSettings()
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

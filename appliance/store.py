@@ -152,6 +152,7 @@ class Run:
     reason: str
     instance_count: int
     last_received: float
+    created: float
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Job:
     error: str | None
     provider: str | None
     timings: dict[str, float]
+    updated: float
 
 
 @dataclass(frozen=True)
@@ -344,9 +346,10 @@ class Store:
             db.execute("UPDATE instances SET run_version = ? WHERE study_uid = ? AND run_version IS NULL",
                        (version, study_uid))
             db.execute("UPDATE studies SET run_version = ?, open = 0 WHERE study_uid = ?", (version, study_uid))
-            run = Run(study_uid, version, reason, int(row["received_count"]), float(row["last_received"]))
+            run = Run(study_uid, version, reason, int(row["received_count"]), float(row["last_received"]),
+                      time.time())
             db.execute("INSERT INTO runs (study_uid, version, created, reason, instance_count, last_received) "
-                       "VALUES (?,?,?,?,?,?)", (study_uid, version, time.time(), reason, run.instance_count,
+                       "VALUES (?,?,?,?,?,?)", (study_uid, version, run.created, reason, run.instance_count,
                                                 run.last_received))
             self._audit(db, AuditRecord(AuditEvent.STUDY_COMPLETE, study_uid,
                                         detail={"run_version": version, "reason": reason,
@@ -354,14 +357,15 @@ class Store:
         return run
 
     def unrouted_runs(self) -> list[Run]:
-        rows = self._query("SELECT * FROM runs WHERE routed = 0 ORDER BY created")
-        return [Run(r["study_uid"], r["version"], r["reason"], r["instance_count"], r["last_received"])
-                for r in rows]
+        return [self._run(r) for r in self._query("SELECT * FROM runs WHERE routed = 0 ORDER BY created")]
+
+    @staticmethod
+    def _run(r: sqlite3.Row) -> Run:
+        return Run(r["study_uid"], r["version"], r["reason"], r["instance_count"], r["last_received"], r["created"])
 
     def run(self, study_uid: str, version: int) -> Run | None:
         rows = self._query("SELECT * FROM runs WHERE study_uid = ? AND version = ?", (study_uid, version))
-        return Run(rows[0]["study_uid"], rows[0]["version"], rows[0]["reason"], rows[0]["instance_count"],
-                   rows[0]["last_received"]) if rows else None
+        return self._run(rows[0]) if rows else None
 
     def series_of(self, study_uid: str, up_to_version: int) -> dict[str, list[Path]]:
         """Instance paths per series of a study, for runs up to ``up_to_version``."""
@@ -405,7 +409,7 @@ class Store:
     def _job(self, r: sqlite3.Row) -> Job:
         return Job(r["id"], r["study_uid"], r["run_version"], r["rule"], r["model"], r["model_version"],
                    r["series_uid"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
-                   json.loads(r["timings"]) if r["timings"] else {})
+                   json.loads(r["timings"]) if r["timings"] else {}, r["updated"])
 
     def jobs(self, study_uid: str | None = None) -> list[Job]:
         rows = self._query("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid \

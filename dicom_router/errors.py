@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class RouterError(Exception):
     """Base of every error the router raises on purpose."""
@@ -10,9 +12,13 @@ class RouterError(Exception):
 
 
 class RulesError(RouterError):
-    """A routing rules file is invalid."""
+    """A routing rules file is invalid; ``problems`` has one line per problem."""
 
     code = "rules_invalid"
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 class DispatchError(RouterError):

@@ -34,19 +34,41 @@ class SegmentMeasurement:
     max: float | None
 
 
-def measure(labels: NDArray[np.uint8], volume: Volume, segments: Sequence[Segment]) -> list[SegmentMeasurement]:
+def as_label_map(labels: NDArray[np.integer] | NDArray[np.bool_],
+                 shape: tuple[int, ...]) -> NDArray[np.uint8]:
+    """``labels`` as a uint8 label map of ``shape`` (no copy when it already is one).
+
+    Raises
+    ------
+    ValueError
+        When the shape differs or a value lies outside 0..255.
+    TypeError
+        When ``labels`` is not an integer or boolean array.
+    """
+    if labels.shape != shape:
+        raise ValueError(f"label map shape {labels.shape} does not match the volume {shape}")
+    if labels.dtype.kind not in "biu":
+        raise TypeError(f"label map must be an integer array, not {labels.dtype}")
+    if labels.dtype != np.uint8 and labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise ValueError("label map values must lie in 0..255")
+    return labels.astype(np.uint8, copy=False)
+
+
+def measure(labels: NDArray[np.integer] | NDArray[np.bool_], volume: Volume,
+            segments: Sequence[Segment]) -> list[SegmentMeasurement]:
     """Measure each segment of ``labels`` (z, y, x) on ``volume``, in the order of ``segments``.
 
     Raises
     ------
     ValueError
-        When ``labels`` does not have the volume's shape.
+        When ``labels`` does not have the volume's shape or holds values outside 0..255.
+    TypeError
+        When ``labels`` is not an integer or boolean array.
     """
-    if labels.shape != volume.hu.shape:
-        raise ValueError(f"label map shape {labels.shape} does not match the volume {volume.hu.shape}")
+    label_map = as_label_map(labels, volume.hu.shape)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     # a per-slice histogram finds each segment's z extent, so each segment is masked only where it is
-    per_slice = np.stack([np.bincount(labels[z].ravel(), minlength=256) for z in range(labels.shape[0])])
+    per_slice = np.stack([np.bincount(plane.ravel(), minlength=256) for plane in label_map])
     out = []
     for segment in segments:
         counts = per_slice[:, segment.label]
@@ -56,7 +78,7 @@ def measure(labels: NDArray[np.uint8], volume: Volume, segments: Sequence[Segmen
             continue
         present = np.flatnonzero(counts)
         z0, z1 = int(present[0]), int(present[-1]) + 1
-        values = volume.hu[z0:z1][labels[z0:z1] == segment.label].astype(np.float64)
+        values = volume.hu[z0:z1][label_map[z0:z1] == segment.label].astype(np.float64)
         out.append(SegmentMeasurement(
             label=segment.label,
             name=segment.name,
@@ -67,5 +89,5 @@ def measure(labels: NDArray[np.uint8], volume: Volume, segments: Sequence[Segmen
             min=float(values.min()),
             max=float(values.max()),
         ))
-    logger.debug("measured %d segment(s) over %d voxels", len(out), labels.size)
+    logger.debug("measured %d segment(s) over %d voxels", len(out), label_map.size)
     return out

@@ -285,7 +285,6 @@ class _Components:
         previous: NDArray[np.int64] | None = None
         for z in range(n_slices):
             lab, n = self._label(z)
-            ids = np.where(lab > 0, lab + self.offsets[z], 0)
             self.offsets[z + 1] = self.offsets[z] + n
             sizes.append(np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64))
             edge = np.zeros(n + 1, dtype=bool)
@@ -294,10 +293,12 @@ class _Components:
                 edge[:] = True
             border.append(edge[1:])
             if previous is not None:
-                both = (previous > 0) & (ids > 0)
-                if both.any():
-                    pairs.append(np.unique(np.stack([previous[both], ids[both]], axis=1), axis=0))
-            previous = ids
+                both = (previous > 0) & (lab > 0)
+                if both.any():  # overlapping (previous, current) label pairs, as one sortable key
+                    keys = np.unique(previous[both] * (n + 1) + lab[both])
+                    pairs.append(np.stack([keys // (n + 1) + self.offsets[z - 1],
+                                           keys % (n + 1) + self.offsets[z]], axis=1))
+            previous = lab
         total = int(self.offsets[-1])
         parent = np.arange(total + 1, dtype=np.int64)
         for block in pairs:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inference.signing import public_key
 
 ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -37,3 +39,20 @@ class InferenceSettings(BaseModel):
     device: DeviceIdentity = DeviceIdentity()
     workers: Annotated[int, Field(ge=1, le=16)] = 1
     intra_op_threads: Annotated[int, Field(ge=0)] = 0
+    #: PEM ed25519 public keys (the key text, not a path) trusted to sign model packages
+    trusted_keys: tuple[str, ...] = ()
+    #: refuse model packages without a signature that verifies with one of ``trusted_keys``
+    require_signatures: bool = False
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _ed25519_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pem in value:
+            public_key(pem)
+        return value
+
+    @model_validator(mode="after")
+    def _keys_for_signatures(self) -> InferenceSettings:
+        if self.require_signatures and not self.trusted_keys:
+            raise ValueError("require_signatures needs at least one entry in trusted_keys")
+        return self

@@ -8,6 +8,7 @@ is decoded, then every slice is decoded straight into one preallocated float32 a
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ def load_series(paths: Sequence[Path]) -> Volume:
 def _read_header(path: Path, k: int) -> Dataset:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise SeriesError(f"instance {k}: not a readable DICOM file ({type(exc).__name__})") from exc
     meta = getattr(ds, "file_meta", None)
     # anonymised exports sometimes blank these in the data set but keep them in the file meta

@@ -13,6 +13,7 @@ COMMANDS = {
     "send": ("appliance.cli.send", "C-STORE files to a configured destination"),
     "rules": ("appliance.cli.rules", "rules check FILE: validate a routing rules file"),
     "models": ("appliance.cli.models", "models list | verify: installed model packages"),
+    "fl": ("appliance.cli.fl", "fl enrol|request|status|approve|reject|cohort|export|run: federated learning"),
     "status": ("appliance.cli.status", "studies, jobs and outbox at a glance"),
 }
 

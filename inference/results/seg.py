@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from inference.measurements import as_label_map
 from inference.packages import Code, Manifest
 from inference.results.uids import derive_uid, derived_uids
 from inference.settings import DeviceIdentity
@@ -59,12 +60,15 @@ def tracking_uid(uid_root: str, run_key: str, manifest: Manifest, label: int) ->
     return derive_uid(uid_root, run_key, manifest.name, manifest.version, "tracking", str(label))
 
 
-def datetime_kwargs(when: dt.datetime | None) -> dict[str, dt.date | dt.time]:
-    """Content and series date/time for highdicom; empty (highdicom's "now") when ``when`` is None."""
+def pin_times(ds: Dataset, when: dt.datetime | None) -> None:
+    """Set the creation and contribution times highdicom stamps with "now" to ``when``, if given."""
     if when is None:
-        return {}
-    return {"content_date": when.date(), "content_time": when.time(), "series_date": when.date(),
-            "series_time": when.time()}
+        return
+    ds.InstanceCreationDate = when.strftime("%Y%m%d")
+    ds.InstanceCreationTime = when.strftime("%H%M%S")
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
 
 
 def segment_descriptions(manifest: Manifest, uid_root: str, run_key: str) -> list[hd.seg.SegmentDescription]:
@@ -86,11 +90,11 @@ def segment_descriptions(manifest: Manifest, uid_root: str, run_key: str) -> lis
     ]
 
 
-def _segment_numbers(labels: NDArray[np.integer], manifest: Manifest) -> NDArray[np.uint8]:
+def _segment_numbers(labels: NDArray[np.uint8], manifest: Manifest) -> NDArray[np.uint8]:
     """The label map with manifest labels renumbered to segment numbers 1..N (no copy when equal)."""
     present = np.zeros(256, dtype=bool)
     for z in range(labels.shape[0]):  # per slice: bincount of the whole map would need 8 bytes a voxel
-        present |= np.bincount(labels[z].ravel(), minlength=256)[:256] > 0
+        present |= np.bincount(labels[z].ravel(), minlength=256) > 0
     lut = np.zeros(256, dtype=np.uint8)
     for number, segment in enumerate(manifest.output.segments, start=1):
         lut[segment.label] = number
@@ -99,7 +103,7 @@ def _segment_numbers(labels: NDArray[np.integer], manifest: Manifest) -> NDArray
         raise ValueError(f"label map has values that no manifest segment describes: {unknown}")
     values = np.flatnonzero(present)
     if np.array_equal(lut[values], values):
-        return labels.astype(np.uint8, copy=False)
+        return labels
     renumbered: NDArray[np.uint8] = lut[labels]
     return renumbered
 
@@ -123,7 +127,7 @@ def content_label(manifest: Manifest) -> str:
 
 def build_seg(
     volume: Volume,
-    labels: NDArray[np.integer],
+    labels: NDArray[np.integer] | NDArray[np.bool_],
     manifest: Manifest,
     device: DeviceIdentity,
     uid_root: str,
@@ -135,20 +139,18 @@ def build_seg(
     """Encode ``labels`` (z, y, x, on ``volume``'s grid) as a BINARY SEG, one segment per manifest segment.
 
     UIDs derive from ``uid_root``, ``run_key`` and the model's name and version, so the same run
-    always gives the same SEG. ``content_datetime`` fixes the content and series date/time (the
-    default is now).
+    always gives the same SEG. ``content_datetime`` fixes every date and time written (the default
+    is now); with it, a rebuild is byte for byte the same.
 
     Raises
     ------
     ValueError
         When ``labels`` does not match the volume or holds a value no manifest segment describes,
         or the volume spans several multi-frame instances.
+    TypeError
+        When ``labels`` is not an integer or boolean array.
     """
-    if labels.shape != volume.hu.shape:
-        raise ValueError(f"label map shape {labels.shape} does not match the volume {volume.hu.shape}")
-    if labels.dtype.kind not in "biu":
-        raise TypeError(f"label map must be an integer array, not {labels.dtype}")
-    pixels = _source_order(volume, _segment_numbers(labels, manifest))
+    pixels = _source_order(volume, _segment_numbers(as_label_map(labels, volume.hu.shape), manifest))
     uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SEG")
     seg = hd.seg.Segmentation(
         source_images=volume.datasets,
@@ -170,8 +172,16 @@ def build_seg(
         content_qualification=content_qualification(manifest),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
-        **datetime_kwargs(content_datetime),
+        content_date=content_datetime.date() if content_datetime else None,
+        content_time=content_datetime.time() if content_datetime else None,
+        series_date=content_datetime.date() if content_datetime else None,
+        series_time=content_datetime.time() if content_datetime else None,
     )
+    # highdicom draws a random dimension organisation UID; derive it so a rebuild is the same object
+    dimension_uid = derive_uid(uid_root, run_key, manifest.name, manifest.version, "SEG", "dimensions")
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimension_uid
+    pin_times(seg, content_datetime)
     logger.info("built SEG %s: %d segment(s), %d frame(s)", uids.sop_instance_uid[-12:],
                 len(manifest.output.segments), int(seg.NumberOfFrames))
     return seg

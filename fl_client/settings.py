@@ -1,0 +1,68 @@
+"""The ``fl`` section of the appliance settings (composed into ``appliance.settings.Settings``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CohortRule(BaseModel):
+    """Which stored series form a training cohort. Data only: matched against DICOM headers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modality: str = Field(default="CT", pattern=r"^[A-Z]{2,4}$")
+    #: BodyPartExamined values accepted (case-insensitive); empty accepts any
+    body_parts: tuple[str, ...] = ()
+    #: regular expression a SeriesDescription must match (``re.search``); None accepts any
+    series_description: str | None = None
+    min_slices: Annotated[int, Field(ge=1)] = 1
+    #: at most this many series (oldest first by study UID order); None: all
+    max_series: Annotated[int, Field(ge=1)] | None = None
+    #: fraction of studies held out for local validation (assigned by a hash of the study UID)
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+
+
+class PrivacySettings(BaseModel):
+    """Filters the site applies to every outgoing result, whatever the job asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: variable names (regular expressions) never sent; e.g. a site-specific head
+    exclude_vars: tuple[str, ...] = ()
+    #: share only the weight differences above this percentile (NVFlare PercentilePrivacy); None: off
+    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
+    #: clip of the shared differences (PercentilePrivacy ``gamma``)
+    gamma: Annotated[float, Field(gt=0.0)] = 0.01
+
+
+class FLSettings(BaseModel):
+    """Federated learning (NVFlare client) on this appliance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: start the NVFlare client with ``portico serve`` (once enrolled)
+    enabled: bool = False
+    #: folder for the kit, NVFlare's workspace and FL state; relative to the appliance data folder
+    workspace: str = "fl"
+    #: Python interpreter that runs NVFlare (a separate venv if needed); None: the appliance's own
+    python: str | None = None
+    #: first restart delay after the client process dies; doubles per quick failure up to the maximum
+    restart_backoff_s: Annotated[float, Field(gt=0)] = 2.0
+    restart_backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    #: a run this long resets the backoff
+    healthy_after_s: Annotated[float, Field(gt=0)] = 60.0
+    #: SIGTERM, then SIGKILL after this many seconds
+    stop_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: model packages whose architecture researchers may train here (allow-list)
+    allowed_models: tuple[str, ...] = ("ct-body-composition",)
+    #: named cohorts a job may ask for (the job names a cohort, never a path)
+    cohorts: dict[str, CohortRule] = Field(default_factory=lambda: {"default": CohortRule()})
+    privacy: PrivacySettings = PrivacySettings()
+    #: ``auto`` uses a GPU when torch sees one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: torch threads per training process
+    train_threads: Annotated[int, Field(ge=1)] = 1
+    #: export the global model to a candidate package when a job ends
+    auto_export: bool = True

@@ -1,0 +1,181 @@
+"""The TID 1500 Measurement Report (Comprehensive 3D SR) of a run, built with highdicom.
+
+One TID 1411 group per manifest segment references that segment of the SEG and the source series,
+carries the segment's tracking identifier and UID (the same UID as in the SEG), the algorithm, and
+the manifest's measurements: Volume (SCT 118565006, cm3) and, for CT, the attenuation coefficient
+(DCM 112031, HU) with derivation Mean, Standard Deviation, Minimum or Maximum. An empty segment
+reports a volume of 0 and no intensity statistics.
+
+The report says it is machine output: the observer is the appliance (a device observer, TID 1004),
+every group names the algorithm (TID 4019), the series description starts with "AI", the document
+is left unverified and partial, and models not cleared for clinical use mark it ``RESEARCH``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code as SrCode
+
+from inference.measurements import SegmentMeasurement
+from inference.packages import Manifest, Measurement
+from inference.results.seg import coded, content_qualification, lo, pin_times, tracking_uid
+from inference.results.uids import derive_uid, derived_uids
+from inference.settings import DeviceIdentity
+from inference.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SR_SERIES_NUMBER = 9902
+
+VOLUME = SrCode("118565006", "SCT", "Volume")
+CUBIC_CENTIMETER = SrCode("cm3", "UCUM", "cubic centimeter")
+ATTENUATION = SrCode("112031", "DCM", "Attenuation Coefficient")
+HOUNSFIELD_UNIT = SrCode("[hnsf'U]", "UCUM", "Hounsfield unit")
+#: derivation (CID 7464) of each intensity statistic, and where it sits in SegmentMeasurement
+DERIVATIONS: dict[Measurement, tuple[SrCode, str]] = {
+    Measurement.MEAN: (SrCode("373098007", "SCT", "Mean"), "mean"),
+    Measurement.STDDEV: (SrCode("386136009", "SCT", "Standard Deviation"), "stddev"),
+    Measurement.MIN: (SrCode("255605001", "SCT", "Minimum"), "min"),
+    Measurement.MAX: (SrCode("56851009", "SCT", "Maximum"), "max"),
+}
+#: procedure reported (CID 100) by source modality
+PROCEDURES: dict[str, SrCode] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+}
+
+
+def device_observer(device: DeviceIdentity, uid_root: str) -> hd.sr.ObserverContext:
+    """The appliance as the report's observer (TID 1002 / 1004)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid(uid_root, "device", device.manufacturer, device.model_name, device.serial_number),
+            name=lo(device.model_name),
+            manufacturer_name=lo(device.manufacturer),
+            model_name=lo(device.model_name),
+            serial_number=lo(device.serial_number),
+        ),
+    )
+
+
+def _measurements(found: SegmentMeasurement, wanted: Sequence[Measurement],
+                  modality: str) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of one segment; the group names the algorithm once for all of them."""
+    out = []
+    if Measurement.VOLUME in wanted:
+        out.append(hd.sr.Measurement(name=VOLUME, value=found.volume_ml, unit=CUBIC_CENTIMETER))
+    if modality != "CT":
+        return out  # attenuation in HU is a CT concept; other modalities get no intensity statistics
+    for kind in wanted:
+        if kind not in DERIVATIONS:
+            continue
+        derivation, field = DERIVATIONS[kind]
+        value = getattr(found, field)
+        if value is None:
+            continue
+        out.append(hd.sr.Measurement(name=ATTENUATION, value=float(value), unit=HOUNSFIELD_UNIT,
+                                     derivation=derivation))
+    return out
+
+
+def build_sr(
+    seg: Dataset,
+    volume: Volume,
+    measurements: Sequence[SegmentMeasurement],
+    manifest: Manifest,
+    device: DeviceIdentity,
+    uid_root: str,
+    run_key: str,
+    series_number: int = DEFAULT_SR_SERIES_NUMBER,
+    *,
+    content_datetime: dt.datetime | None = None,
+) -> Dataset:
+    """Build the Measurement Report of ``measurements`` for the segments of ``seg``.
+
+    ``seg`` is the object from :func:`inference.results.seg.build_seg` for the same run; its
+    segment ``i + 1`` is ``manifest.output.segments[i]``. Evidence is the SEG and the source
+    instances. UIDs derive from ``uid_root``, ``run_key`` and the model's name and version;
+    ``content_datetime`` fixes every date and time written (the default is now).
+
+    Raises
+    ------
+    ValueError
+        When a manifest segment has no measurement, or ``seg`` has a different number of segments.
+    """
+    by_label = {m.label: m for m in measurements}
+    segments = manifest.output.segments
+    missing = [s.label for s in segments if s.label not in by_label]
+    if missing:
+        raise ValueError(f"no measurements for segment label(s) {missing}")
+    if len(seg.SegmentSequence) != len(segments):
+        raise ValueError(f"the SEG has {len(seg.SegmentSequence)} segments, the manifest {len(segments)}")
+    if volume.modality != "CT" and any(k in DERIVATIONS for k in manifest.output.measurements):
+        logger.info("intensity statistics are reported for CT only; %s series gets volumes only",
+                    volume.modality)
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=lo(manifest.title), version=manifest.version, family=coded(manifest.algorithm_family),
+        manufacturer=lo(device.manufacturer),
+    )
+    source_series = hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)
+    groups = []
+    for number, segment in enumerate(segments, start=1):
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(uid_root, run_key, manifest, segment.label),
+                identifier=lo(f"{manifest.name} {segment.name}"),
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=number,
+                source_series=source_series,
+            ),
+            finding_type=coded(segment.type),
+            finding_category=coded(segment.category),
+            algorithm_id=algorithm,
+            measurements=_measurements(by_label[segment.label], manifest.output.measurements,
+                                       volume.modality),
+        ))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=device_observer(device, uid_root)),
+        procedure_reported=PROCEDURES.get(volume.modality, codes.SCT.ImagingProcedure),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SR")
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *volume.datasets],
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=1,
+        manufacturer=lo(device.manufacturer),
+        manufacturer_model_name=lo(device.model_name),
+        software_versions=lo(device.software_version),
+        device_serial_number=lo(device.serial_number),
+        institution_name=device.institution_name,
+        series_description=lo(f"AI measurements {manifest.title} {manifest.version}"),
+        content_qualification=content_qualification(manifest),
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        content_date=content_datetime.date() if content_datetime else None,
+        content_time=content_datetime.time() if content_datetime else None,
+        series_date=content_datetime.date() if content_datetime else None,
+        series_time=content_datetime.time() if content_datetime else None,
+    )
+    pin_times(sr, content_datetime)
+    logger.info("built SR %s: %d measurement group(s)", uids.sop_instance_uid[-12:], len(groups))
+    return sr
