@@ -14,12 +14,12 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
     generate_uid,
 )
 

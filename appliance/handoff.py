@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom import dcmread
 
@@ -66,17 +65,13 @@ class HandOff:
         series = self.store.series_of(run.study_uid, run.version)
         headers = StudyHeaders(
             study_uid=run.study_uid,
-            series=[SeriesHeaders(series_uid=uid, header=_header(paths[0]), instance_count=len(paths))
-                    for uid, paths in series.items()],
+            series=tuple(SeriesHeaders(series_uid=uid, header=dcmread(paths[0], stop_before_pixels=True),
+                                       instance_count=len(paths)) for uid, paths in series.items()),
         )
         routes = self.rules.route(headers)
         ids = self.store.record_routes(run, [(r.rule, r.model, r.model_version, r.series_uid) for r in routes])
         log.info("study %s run %d: %d job(s) %s", short(run.study_uid), run.version, len(ids),
                  [r.model for r in routes] or "(no rule matched)")
-
-
-def _header(path: Path) -> object:
-    return dcmread(path, stop_before_pixels=True)
 
 
 def short(uid: str) -> str:

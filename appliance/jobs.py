@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ class JobRunner:
             self._write(folder, "seg", result.seg, {"model": package.ref}),
             self._write(folder, "sr", result.sr, {
                 "model": package.ref,
-                "measurements": [m.as_dict() for m in result.measurements],
+                "measurements": [dataclasses.asdict(m) for m in result.measurements],
             }),
         ]
         destinations = [d.name for d in self.settings.dispatch.destinations]

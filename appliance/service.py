@@ -30,8 +30,8 @@ class Service:
         self.store = Store(settings.data_dir, fsync=settings.storage.fsync,
                            min_free_mb=settings.storage.min_free_mb)
         self.rules = load_rules(settings.rules_path)
-        self.registry = ModelRegistry(settings.models_dir)
-        self.sessions = SessionCache()
+        self.registry = ModelRegistry.from_settings(settings, audit=self.store.record)
+        self.sessions = SessionCache(intra_op_threads=settings.inference.intra_op_threads)
         self.handoff = HandOff(self.store, settings.router, self.rules)
         self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
         self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title)

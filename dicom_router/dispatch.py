@@ -2,15 +2,15 @@
 
 Files are sent as they are on disk (pynetdicom streams the dataset after the file meta, never
 re-encoding it), over one association per destination per batch, with TCP_NODELAY set (pynetdicom
-never sets it; on loopback that alone is worth about 5x) and presentation contexts for exactly the
-SOP class / transfer syntax pairs in the batch.
+never sets it; on loopback that alone is worth about 5x), the event-driven reactor of
+:mod:`dicom_router.reactor`, and presentation contexts for exactly the SOP class / transfer syntax
+pairs in the batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_router.errors import DispatchError
 from dicom_router.ports import Outbox, OutboxItem
+from dicom_router.reactor import request_association
 from dicom_router.scp import quiet_pynetdicom, short_uid
 from dicom_router.settings import DimseDestination, DispatchSettings, StowDestination
 
@@ -78,7 +79,8 @@ def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0) 
     ae = _make_ae(destination.calling_ae_title or calling_ae, destination.max_pdu, timeout)
     ae.add_requested_context(Verification)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
+                                    destination.max_pdu)
     except Exception as exc:
         LOGGER.warning("C-ECHO to %s failed: %s", destination.name, exc)
         return False
@@ -238,15 +240,6 @@ def _make_ae(ae_title: str, max_pdu: int, timeout: float) -> AE:
     return ae
 
 
-def _set_nodelay(assoc: Association) -> None:
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if isinstance(sock, socket.socket):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            LOGGER.debug("could not set TCP_NODELAY: %s", exc)
-
-
 def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: str,
                  timeout: float) -> list[SendResult]:
     quiet_pynetdicom()
@@ -256,13 +249,13 @@ def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: 
     pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
     ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
+                                    destination.max_pdu)
     except Exception as exc:
         return [_failed(f, f"cannot associate: {exc}") for f in files]
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed (peer unreachable?)"
         return [_failed(f, reason) for f in files]
-    _set_nodelay(assoc)
     results: list[SendResult] = []
     try:
         for index, f in enumerate(files):

@@ -43,7 +43,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_router import acceptor
+from dicom_router import reactor
 from dicom_router.errors import RouterError
 from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.settings import RouterSettings
@@ -153,14 +153,14 @@ class StorageSCP:
     sink
         Durable storage; ``store`` must return only once the instance is safe.
     event_driven
-        Use :mod:`dicom_router.acceptor` (no polling sleeps); default: when pynetdicom supports it.
+        Use :mod:`dicom_router.reactor` (no polling sleeps); default: when pynetdicom supports it.
     """
 
     def __init__(self, settings: RouterSettings, sink: InstanceSink, *,
                  event_driven: bool | None = None) -> None:
         self._settings = settings
         self._sink = sink
-        self._event_driven = acceptor.supported() if event_driven is None else event_driven
+        self._event_driven = reactor.supported() if event_driven is None else event_driven
         self._server: ThreadedAssociationServer | None = None
         allowed: dict[str, set[str]] = {}
         for peer in settings.peers:
@@ -208,7 +208,7 @@ class StorageSCP:
         address = (self._settings.bind_host, self._settings.port)
         if self._event_driven:
             server = ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
-                                    request_handler=acceptor.EventDrivenRequestHandler)
+                                    request_handler=reactor.EventDrivenRequestHandler)
             # as AE.start_server does, so that server.shutdown() finds it
             ae._servers.append(server)
             # a 0.2 s accept poll (pynetdicom: 0.5 s) makes stop() quicker

@@ -38,12 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from inference.errors import PackageError
 from inference.packages import (
     Code,
-    InputSpec,
     IntensityWindow,
     Manifest,
     Measurement,
     ModelPackage,
-    OutputSpec,
     PostStep,
     Segment,
     Task,
@@ -147,31 +145,48 @@ def import_bundle(bundle_dir: Path, out_dir: Path, overrides: BundleOverrides | 
     config = _read_inference_config(bundle_dir)
     onnx_src = _find_onnx(bundle_dir, o.model_file)
     image, pred = _formats(meta)
-    if int(image.get("num_channels", 1)) != 1:
+    if _int(image.get("num_channels"), 1) != 1:
         raise PackageError(f"{bundle_dir}: the network takes {image.get('num_channels')} input channels; "
                            "Portico feeds one (a single series)")
-
-    name = o.name or _slug(str(meta.get("name") or bundle_dir.name))
-    version = o.version or str(meta.get("version", ""))
-    title = (o.title or str(meta.get("name") or name))[:64]
+    licence = _licence_text(bundle_dir, o.licence_file)
     modality = o.modality or _modality(image.get("modality"))
     if modality is None:
         raise PackageError(f"{bundle_dir}: metadata gives no input modality; set `modality`")
-
     axcodes = o.axcodes if o.axcodes is not None else _literal_str(config, "Orientation", "axcodes") or ""
     axes, flips = _axis_map(o.layout, axcodes)
     window, window_source = _window(config, o, bundle_dir)
-    spacing = o.spacing_mm or _to_portico(_literal_numbers(config, "Spacing", "pixdim"), axes)
-    patch = o.patch_size or _patch(config, image, axes, bundle_dir)
     overlap = o.overlap if o.overlap is not None else \
         _literal_number(config, "SlidingWindowInferer", "overlap")
     segments, codes_source = _segments(pred, o.segments, bundle_dir)
-    notes = [f"Intensity window {window.low:g}..{window.high:g} from {window_source}."]
+    fields: dict[str, Any] = {
+        "name": o.name or _slug(str(meta.get("name") or bundle_dir.name)),
+        "version": o.version or str(meta.get("version", "")),
+        "task": Task.SEGMENTATION,
+        "title": (o.title or str(meta.get("name") or bundle_dir.name))[:64],
+        "description": str(o.description or meta.get("description", ""))[:2000],
+        "algorithm_family": ALGORITHM_FAMILY,
+        "clinical_use": False,
+        "input": {"modality": modality, "body_parts": o.body_parts, "intensity": window,
+                  "spacing_mm": o.spacing_mm or _to_portico(_literal_numbers(config, "Spacing", "pixdim"),
+                                                            axes),
+                  "patch_size": o.patch_size or _patch(config, image, axes, bundle_dir),
+                  "overlap": 0.25 if overlap is None else overlap, "min_slices": o.min_slices},
+        "output": {"segments": segments, "measurements": o.measurements, "postprocessing": o.postprocessing},
+        "provenance": {
+            "source": "MONAI bundle",
+            "bundle_name": str(meta.get("name", bundle_dir.name)),
+            "bundle_version": str(meta.get("version", "")),
+            "monai_version": str(meta.get("monai_version", "")),
+            "onnx_file": onnx_src.name,
+            "layout": str(o.layout),
+            "axcodes": axcodes or "none",
+            "intensity_window": window_source,
+            "segment_codes": codes_source,
+        },
+    }
+    _manifest(fields, {"model.onnx": "0" * 64}, bundle_dir)  # refuse before writing anything
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.iterdir()):
-        raise PackageError(f"{out_dir} is not empty")
-    onnx_sha = _write_model(onnx_src, out_dir / "model.onnx", o.layout, axes, flips)
+    notes = [f"Intensity window {window.low:g}..{window.high:g} from {window_source}."]
     if o.layout is Layout.MONAI:
         notes.append(f"ONNX graph wrapped: Portico's (z, y, x) patches are transposed to the network's "
                      f"(column, row, slice) order{f' and flipped into {axcodes}' if axcodes else ''}, "
@@ -180,54 +195,48 @@ def import_bundle(bundle_dir: Path, out_dir: Path, overrides: BundleOverrides | 
         notes.append("Segment codes are PLACEHOLDERS: category Tissue (SCT 85756007) and a local "
                      f"{LOCAL_SCHEME} type code named after each output channel. Replace them with "
                      "proper SNOMED CT / DCM codes (segments override) before clinical use.")
-    _write_licence(bundle_dir, out_dir / "LICENSE", o.licence_file)
-    (out_dir / "MODEL_CARD.md").write_text(_model_card(title, meta, bundle_dir, notes), encoding="utf-8")
-    listed = ["model.onnx", "MODEL_CARD.md", "LICENSE"]
-    for rel in [METADATA, *INFERENCE_CONFIGS]:
-        if (bundle_dir / rel).is_file():
-            target = out_dir / "bundle" / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(bundle_dir / rel, target)
-            listed.append(f"bundle/{rel.as_posix()}")
-
-    provenance = {
-        "source": "MONAI bundle",
-        "bundle_name": str(meta.get("name", bundle_dir.name)),
-        "bundle_version": str(meta.get("version", "")),
-        "monai_version": str(meta.get("monai_version", "")),
-        "onnx_file": onnx_src.name,
-        "onnx_sha256": onnx_sha,
-        "layout": str(o.layout),
-        "axcodes": axcodes or "none",
-        "intensity_window": window_source,
-        "segment_codes": codes_source,
-    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise PackageError(f"{out_dir} is not empty")
     try:
-        manifest = Manifest(
-            name=name, version=version, task=Task.SEGMENTATION, title=title,
-            description=str(o.description or meta.get("description", ""))[:2000],
-            algorithm_family=ALGORITHM_FAMILY, clinical_use=False,
-            input=InputSpec(modality=modality, body_parts=o.body_parts, spacing_mm=spacing, intensity=window,
-                            patch_size=patch, overlap=0.25 if overlap is None else overlap,
-                            min_slices=o.min_slices),
-            output=OutputSpec(segments=segments, measurements=o.measurements,
-                              postprocessing=o.postprocessing),
-            files=write_digests(out_dir, listed), provenance=provenance,
-        )
+        fields["provenance"]["onnx_sha256"] = _write_model(onnx_src, out_dir / "model.onnx", axes, flips)
+        (out_dir / "LICENSE").write_text(licence, encoding="utf-8")
+        card = _model_card(str(fields["title"]), meta, bundle_dir, notes)
+        (out_dir / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        listed = ["model.onnx", "MODEL_CARD.md", "LICENSE"]
+        for rel in [METADATA, *INFERENCE_CONFIGS]:
+            if _regular(bundle_dir / rel):
+                target = out_dir / "bundle" / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bundle_dir / rel, target)
+                listed.append(f"bundle/{rel.as_posix()}")
+        manifest = _manifest(fields, write_digests(out_dir, listed), bundle_dir)
+        write_manifest(out_dir, manifest)
+        package = load_package(out_dir)
+    except BaseException:
+        for child in out_dir.iterdir():  # leave the folder as empty as it was
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        raise
+    log.info("imported bundle %s as %s (codes: %s)", bundle_dir.name, package.ref, codes_source)
+    return package
+
+
+def _manifest(fields: dict[str, Any], files: dict[str, str], bundle_dir: Path) -> Manifest:
+    try:
+        return Manifest.model_validate({**fields, "files": files})
     except ValidationError as exc:
         raise PackageError(f"{bundle_dir}: cannot make a valid manifest (override the fields named): "
                            f"{exc}") from exc
-    write_manifest(out_dir, manifest)
-    package = load_package(out_dir)
-    log.info("imported bundle %s as %s (codes: %s)", bundle_dir.name, package.ref, codes_source)
-    return package
 
 
 # ---- reading the bundle as data ---------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not _regular(path):
         raise PackageError(f"{path.parent.parent}: not a MONAI bundle (no {METADATA})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -241,7 +250,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_inference_config(bundle_dir: Path) -> Any:
     for rel in INFERENCE_CONFIGS:
         path = bundle_dir / rel
-        if path.is_file():
+        if _regular(path):
             try:
                 text = path.read_text(encoding="utf-8")
                 return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -252,7 +261,7 @@ def _read_inference_config(bundle_dir: Path) -> Any:
 
 def _find_onnx(bundle_dir: Path, chosen: str | None) -> Path:
     models = bundle_dir / "models"
-    found = sorted(p for p in models.glob("*.onnx") if p.is_file() and not p.is_symlink()) \
+    found = sorted(p for p in models.glob("*.onnx") if _regular(p)) \
         if models.is_dir() else []
     if chosen is not None:
         match = [p for p in found if p.name == chosen]
@@ -378,7 +387,7 @@ def _segments(pred: dict[str, Any], given: tuple[Segment, ...],
                 raise PackageError(f"{bundle_dir}: output channel_def key {key!r} is not a channel number")
             if int(key) >= 1:
                 names[int(key)] = str(value)
-    num_channels = pred.get("num_channels")
+    num_channels = _int(pred.get("num_channels"), 0) or None
     if num_channels == 1:
         raise PackageError(f"{bundle_dir}: the network outputs one channel (a label map or a single "
                            "probability); Portico needs one channel per class, background first")
@@ -458,8 +467,7 @@ def _to_portico(net: tuple[float, float, float] | tuple[int, int, int] | None,
     return tuple(out)
 
 
-def _write_model(src: Path, dest: Path, layout: Layout, axes: tuple[int, int, int],
-                 flips: tuple[int, ...]) -> str:
+def _write_model(src: Path, dest: Path, axes: tuple[int, int, int], flips: tuple[int, ...]) -> str:
     """Copy (``portico`` layout) or wrap (``monai``) the ONNX model; returns the source's sha256."""
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     if axes == (0, 1, 2) and not flips:
@@ -554,19 +562,33 @@ def _permute_dims(value: Any, perm: list[int], helper: Any, tensor_proto: Any) -
     value.CopyFrom(new)
 
 
-def _write_licence(bundle_dir: Path, dest: Path, given: Path | None) -> None:
+def _licence_text(bundle_dir: Path, given: Path | None) -> str:
     candidates = [bundle_dir / n for n in ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE")] + \
         [bundle_dir / "docs" / n for n in ("LICENSE", "LICENSE.txt", "license.txt")]
-    source = given if given is not None else next((p for p in candidates if p.is_file()), None)
+    source = given if given is not None else next((p for p in candidates if _regular(p)), None)
     if source is None or not source.is_file():
         raise PackageError(f"{bundle_dir}: no LICENSE in the bundle; give the licence text "
                            "(`licence_file`, or --licence FILE)")
     text = source.read_text(encoding="utf-8", errors="replace")
     data_licence = bundle_dir / "docs" / "data_license.txt"
-    if data_licence.is_file():
+    if _regular(data_licence):
         text += "\n\n---\nTraining data licence (docs/data_license.txt):\n\n" + \
             data_licence.read_text(encoding="utf-8", errors="replace")
-    dest.write_text(text, encoding="utf-8")
+    return text
+
+
+def _regular(path: Path) -> bool:
+    """A plain file: bundles are read without following links out of them."""
+    return path.is_file() and not path.is_symlink()
+
+
+def _int(value: Any, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _model_card(title: str, meta: dict[str, Any], bundle_dir: Path, notes: list[str]) -> str:
@@ -583,7 +605,7 @@ def _model_card(title: str, meta: dict[str, Any], bundle_dir: Path, notes: list[
         lines.append("")
     lines += ["## Import notes", "", *[f"- {n}" for n in notes], ""]
     readmes = (bundle_dir / "docs" / "README.md", bundle_dir / "README.md")
-    readme = next((p for p in readmes if p.is_file()), None)
+    readme = next((p for p in readmes if _regular(p)), None)
     if readme is not None:
         lines += ["## Bundle README", "", readme.read_text(encoding="utf-8", errors="replace").strip(), ""]
     return "\n".join(lines)

@@ -1,7 +1,12 @@
 """Model packages: a folder with ``portico-model.yaml``, ``model.onnx``, a model card and a licence.
 
-The manifest is data only. Nothing from a package is ever executed or evaluated: pre- and
-post-processing steps come from a fixed vocabulary interpreted by :mod:`inference.pipeline`.
+The manifest lists the sha256 of every other file; a package holds exactly those files, the
+manifest and, optionally, ``signature.ed25519``: a detached ed25519 signature over the manifest's
+bytes (:mod:`inference.signing`), which so covers the whole package.
+
+The manifest is data only (``yaml.safe_load``). Nothing from a package is ever executed or
+evaluated: pre- and post-processing steps come from a fixed vocabulary interpreted by
+:mod:`inference.pipeline`; the model is ONNX, never a pickle.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     volume = load_series(paths)
     t1 = time.perf_counter()
     timings["load"] = t1 - t0
-    model = sessions.get(package, settings.providers, intra_op_threads=settings.intra_op_threads)
+    model = sessions.get(package, settings.providers)
     labels = segment(volume.hu, volume.spacing, package.manifest, model)
     t2 = time.perf_counter()
     timings["inference"] = t2 - t1

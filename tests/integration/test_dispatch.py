@@ -161,7 +161,6 @@ def test_backoff_doubles_and_is_capped() -> None:
 def test_permanent_statuses() -> None:
     assert is_permanent_status(0xA900) and is_permanent_status(0xC210) and is_permanent_status(0x0122)
     assert not is_permanent_status(0xA700) and not is_permanent_status(0x0110)
-    assert not is_permanent_status(0xC211 & 0x0FFF)
 
 
 def test_dispatch_to_storescp(storescp: StoreSCP, files: list[Path]) -> None:
@@ -300,7 +299,7 @@ def stow() -> Iterator[StowServer]:
     state = StowServer()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             content_type = self.headers["Content-Type"]
             message = BytesParser(policy=HTTP).parsebytes(

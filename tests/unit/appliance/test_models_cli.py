@@ -149,8 +149,8 @@ def test_same_add_twice_is_no_change_and_different_is_refused(app: Appliance) ->
     assert "immutable" in app.events()[-1]["detail"]["reason"]
 
 
-def test_removed_folder_can_be_reinstalled_only_as_the_same_package(app: Appliance,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_removed_folder_is_reinstalled_only_as_the_same_package(app: Appliance,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     source = app.package("1.0.0")
     app.run("add", str(source))
     shutil.rmtree(app.models_dir / "tiny-1.0.0")
@@ -298,7 +298,7 @@ def test_signatures_required(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert plain.run("keygen", str(keys)) == 1  # never overwrites a key
 
 
-def test_add_bundle(app: Appliance, capsys: pytest.CaptureFixture[str]) -> None:
+def make_bundle(app: Appliance) -> Path:
     bundle = app.tmp / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
@@ -309,16 +309,36 @@ def test_add_bundle(app: Appliance, capsys: pytest.CaptureFixture[str]) -> None:
                 "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background", "1": "fat"}}}}}
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
     shutil.copy(make_package(app.tmp / "net") / "model.onnx", bundle / "models" / "model.onnx")
+    return bundle
+
+
+def test_add_bundle(app: Appliance, capsys: pytest.CaptureFixture[str]) -> None:
     segments = app.tmp / "segments.yaml"
     segments.write_text(yaml.safe_dump({"segments": [
         {"label": 1, "name": "Fat", "category": TISSUE.model_dump(), "type": FAT.model_dump()}]}))
-    argv = ["add", str(bundle), "--bundle", "--window", "-150", "-50", "--segments", str(segments)]
+    argv = ["add", str(make_bundle(app)), "--bundle", "--window", "-150", "-50", "--segments", str(segments)]
     assert app.run(*argv) == 0
     out = capsys.readouterr().out
     assert "imported bundle as fat-model@0.1.0 (segment codes: overrides)" in out
     package = app.registry().get("fat-model")
     assert package.manifest.input.patch_size == (4, 8, 8)
     assert package.manifest.output.segments[0].type == FAT
+
+
+def test_import_review_then_add(app: Appliance, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = app.tmp / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump({"name": "fat", "intensity": {"low": -150, "high": -50},
+                                         "body_parts": ["ABDOMEN"]}))
+    out = app.tmp / "converted"
+    bundle = make_bundle(app)
+    argv = ["import", str(bundle), str(out), "--overrides", str(overrides), "--model-version", "2.0.0"]
+    assert app.run(*argv) == 0
+    assert "placeholder" in capsys.readouterr().out
+    assert app.run("add", str(out)) == 0
+    package = app.registry().get("fat")
+    assert package.ref == "fat@2.0.0" and package.manifest.input.body_parts == ("ABDOMEN",)
+    assert app.run("import", str(bundle), str(app.tmp / "again")) == 1  # no window anywhere
+    assert "window" in capsys.readouterr().out
 
 
 def test_usage_errors(app: Appliance) -> None:

@@ -13,7 +13,8 @@ SERIES = "1.2.3.4.5"
 
 def instance(n: int, study: str = STUDY) -> ReceivedInstance:
     return ReceivedInstance(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"{SERIES}.{n}",
-                            study_instance_uid=study, series_instance_uid=SERIES, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                            study_instance_uid=study, series_instance_uid=SERIES,
+                            transfer_syntax_uid="1.2.840.10008.1.2.1",
                             calling_ae_title="PACS", peer_address="127.0.0.1", data=b"DICM" + bytes([n]) * 100)
 
 

@@ -1,0 +1,295 @@
+"""Event-driven associations for pynetdicom 3.0: the same protocol code, without polling sleeps.
+
+pynetdicom runs two threads per association that poll each other with 1 ms sleeps: the
+association reactor sleeps before looking for a decoded DIMSE message, and the DUL reactor sleeps
+before looking for a PDU to send or for the peer's next PDU. With one C-STORE in flight at a time
+(as DCMTK and most PACS send) those sleeps add about 1.5 ms to every instance, and the socket is
+read in 4 KiB pieces. Here the same pynetdicom classes wait on what they wait for:
+
+* the association thread blocks on an :class:`threading.Event` set whenever a DIMSE message or a
+  DUL primitive (release, abort) is queued for it;
+* the DUL thread blocks in ``select`` on the socket and on a wake-up pipe written whenever the
+  association queues a primitive to send;
+* PDUs are read with ``recv_into`` straight into one buffer; requestor sockets get TCP_NODELAY
+  before they connect.
+
+The association reactor also closes a race in pynetdicom's pause handshake, where a requestor's
+reactor could take a C-STORE response off the queue meant for ``send_c_store`` ("Received
+unexpected C-STORE service message", then a DIMSE timeout) when its thread was preempted at the
+wrong moment.
+
+Every PDU still goes through pynetdicom's state machine, ACSE and DIMSE code. The overrides follow
+pynetdicom 3.0's private structure (``RequestHandler._create_association``,
+``Association._run_reactor``, ``DULServiceProvider._is_transport_event``, ``AE.associate``); with
+another version :func:`supported` is false and callers use pynetdicom's own classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from copy import deepcopy
+from datetime import datetime
+from typing import Any, cast
+
+import pynetdicom
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
+
+LOGGER = logging.getLogger(__name__)
+
+#: how long a reactor waits for work before looking at its timers and flags again
+TICK_SECONDS = 0.01
+_RECV_CHUNK = 1 << 20
+
+
+def supported() -> bool:
+    """Whether the installed pynetdicom has the structure these overrides were written for."""
+    return (
+        pynetdicom.__version__.startswith("3.0.")
+        and hasattr(RequestHandler, "_create_association")
+        and hasattr(Association, "_run_reactor")
+        and hasattr(DULServiceProvider, "_is_transport_event")
+    )
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after every put."""
+
+    def __init__(self, wake: Any) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _EventDrivenDUL(DULServiceProvider):
+    """DUL provider that waits in ``select`` (socket or wake-up pipe) instead of ``time.sleep``."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.to_provider_queue = _WakingQueue(self.wake)
+        # the stock loop sleeps this long after an idle pass; our idle pass already waited in select
+        self._run_loop_delay = 0
+
+    def wake(self) -> None:
+        # a full pipe means a wake-up is already pending; a closed one that the DUL has stopped
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _is_transport_event(self) -> bool:
+        if super()._is_transport_event():
+            return True
+        if self.event_queue.qsize() or self.to_provider_queue.qsize() or self._kill_thread:
+            return False
+        sock = self.socket
+        raw = sock.socket if sock is not None else None
+        if raw is None or raw.fileno() < 0 or not getattr(sock, "_is_connected", True):
+            # not connected (yet, or any more): select would report it readable at once
+            time.sleep(0.001)
+            return False
+        try:
+            ready, _, _ = select.select([raw.fileno(), self._wake_r], [], [], TICK_SECONDS)
+        except (OSError, ValueError):
+            return False  # the socket closed under us; the next pass reports it
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        return False
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+class EventDrivenAssociation(Association):
+    """An association whose reactor wakes when the DIMSE or DUL layer queues something for it."""
+
+    def __init__(self, ae: AE, mode: str) -> None:
+        super().__init__(ae, mode)
+        self._work = threading.Event()
+        self.dul = _EventDrivenDUL(self)
+        self.dul.to_user_queue = _WakingQueue(self._work.set)
+        self.dimse.msg_queue = _WakingQueue(self._work.set)
+
+    def kill(self) -> None:
+        super().kill()
+        self._work.set()
+
+    def _pause_point(self) -> None:
+        # pynetdicom's handshake: a sender clears the checkpoint, then waits for _is_paused. Setting
+        # _is_paused False *before* re-checking the checkpoint means a sender that cleared it in
+        # between is either seen here (and we pause again) or waits for our next pass.
+        while True:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            if self._reactor_checkpoint.is_set() or self._kill:
+                return
+
+    def _run_reactor(self) -> None:
+        # pynetdicom 3.0's reactor loop with the 1 ms sleep replaced by a wait for queued work
+        while not self._kill:
+            # waiting touches no queue, so a sender (send_c_store & co.) may go ahead meanwhile
+            self._is_paused = True
+            self._work.wait(TICK_SECONDS)
+            self._work.clear()
+            self._pause_point()
+
+            while not self._kill and self._reactor_checkpoint.is_set():
+                context_id, msg = self.dimse.get_msg(block=False)
+                if not msg:
+                    break
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.debug("association released by the peer")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                LOGGER.info("association aborted (%s)",
+                            "A-P-ABORT" if self.acse.is_aborted("a-p-abort") else "A-ABORT")
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def _tune_socket(sock: AssociationSocket) -> None:
+    """One-buffer reads; TCP_NODELAY (pynetdicom never sets it, and Nagle costs ~5x on loopback)."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        raw = sock.socket
+        if raw is None:
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        with memoryview(buffer) as view:
+            got = 0
+            while got < nr_bytes:
+                n = raw.recv_into(view[got:], min(nr_bytes - got, _RECV_CHUNK))
+                if n == 0:
+                    break
+                got += n
+        if got < nr_bytes:
+            del buffer[got:]
+        return buffer
+
+    sock.recv = recv  # type: ignore[method-assign]
+    if sock.socket is not None:
+        try:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            LOGGER.debug("TCP_NODELAY not set: %s", exc)
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """Request handler that builds :class:`EventDrivenAssociation` acceptors."""
+
+    def _create_association(self) -> Association:
+        # pynetdicom 3.0's RequestHandler._create_association with our Association class
+        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+
+        sock = AssociationSocket(assoc, client_socket=self.request)
+        _tune_socket(sock)
+        assoc.set_socket(sock)
+
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+
+        for event, bound in self.server._handlers.items():
+            if event.is_intervention and bound:
+                handler, args = cast("tuple[Any, list[Any] | None]", bound)
+                assoc.bind(event, handler, args)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in cast("list[tuple[Any, list[Any] | None]]", bound):
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+def request_association(ae: AE, host: str, port: int, ae_title: str, max_pdu: int) -> Association:
+    """Associate with ``ae_title`` at ``host:port`` proposing ``ae.requested_contexts``.
+
+    Like :meth:`AE.associate`, returning an association that may be established or not; with an
+    event-driven reactor and TCP_NODELAY when :func:`supported`.
+    """
+    if not supported():
+        assoc = ae.associate(host, port, ae_title=ae_title, max_pdu=max_pdu)
+        raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        if isinstance(raw, socket.socket):
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return assoc
+    contexts = deepcopy(ae.requested_contexts)
+    if not contexts:
+        raise ValueError("no presentation contexts to propose")
+    remote = AddressInformation.from_addr_port(host, port)
+    local = AddressInformation.from_tuple(("::0", 0) if remote.address_family == socket.AF_INET6 else ("", 0))
+
+    # pynetdicom 3.0's AE.associate with our Association class
+    assoc = EventDrivenAssociation(ae, MODE_REQUESTOR)
+    assoc.name = f"RequestorThread@{datetime.now():%Y%m%d%H%M%S}"
+    sock = AssociationSocket(assoc, address=local)
+    _tune_socket(sock)
+    assoc.set_socket(sock)
+    assoc.acceptor.ae_title = ae_title
+    assoc.acceptor.address_info = remote
+    assoc.requestor.address_info = local
+    assoc.requestor.ae_title = ae.ae_title
+    assoc.requestor.maximum_length = max_pdu
+    assoc.requestor.implementation_class_uid = ae.implementation_class_uid
+    assoc.requestor.implementation_version_name = ae.implementation_version_name
+    for index, context in enumerate(contexts):
+        context.context_id = 2 * index + 1
+    assoc.requestor.requested_contexts = contexts
+    assoc.request()
+    if assoc.is_established:
+        assoc.start()
+    return assoc
