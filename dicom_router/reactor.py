@@ -32,6 +32,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 from copy import deepcopy
@@ -92,23 +93,29 @@ class _EventDrivenDUL(DULServiceProvider):
             os.write(self._wake_w, b"\0")
 
     def _is_transport_event(self) -> bool:
-        if super()._is_transport_event():
-            return True
-        if self.event_queue.qsize() or self.to_provider_queue.qsize() or self._kill_thread:
-            return False
         sock = self.socket
         raw = sock.socket if sock is not None else None
-        if raw is None or raw.fileno() < 0 or not getattr(sock, "_is_connected", True):
-            # not connected (yet, or any more): select would report it readable at once
-            time.sleep(0.001)
+        if (raw is None or isinstance(raw, ssl.SSLSocket) or raw.fileno() < 0
+                or not getattr(sock, "_is_connected", True) or self._kill_thread
+                or self.state_machine.current_state == "Sta13"
+                or self.event_queue.qsize() or self.to_provider_queue.qsize()):
+            # anything unusual, or work already queued: pynetdicom's own non-blocking check
+            if super()._is_transport_event():
+                return True
+            if raw is None or not getattr(sock, "_is_connected", True):
+                time.sleep(0.001)  # not connected (yet, or any more): nothing to wait on
             return False
+        fileno = raw.fileno()
         try:
-            ready, _, _ = select.select([raw.fileno(), self._wake_r], [], [], TICK_SECONDS)
+            ready, _, _ = select.select([fileno, self._wake_r], [], [], TICK_SECONDS)
         except (OSError, ValueError):
-            return False  # the socket closed under us; the next pass reports it
+            return bool(super()._is_transport_event())  # closed under us; let pynetdicom report it
         if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
+        if fileno in ready:
+            self._read_pdu_data()
+            return True
         return False
 
     def run_reactor(self) -> None:

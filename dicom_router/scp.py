@@ -2,21 +2,19 @@
 
 The received dataset is never decoded: the bytes that came off the wire (with a file meta header
 built from the association) go to :class:`~dicom_router.ports.InstanceSink` as they are, and only
-the four UIDs the store indexes are parsed from the header. The peer gets its C-STORE response only
-after the sink has returned, so an acknowledged instance is a durable one.
+the four UIDs the store indexes are read from the header (:mod:`dicom_router.part10`). The peer
+gets its C-STORE response only after the sink has returned, so an acknowledged instance is a
+durable one.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from io import BytesIO
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -39,12 +37,14 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_router import reactor
 from dicom_router.errors import RouterError
+from dicom_router.part10 import UnreadableHeader, file_meta, read_uids
 from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.settings import RouterSettings
 
@@ -79,13 +79,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_MISSING_UIDS = 0xC212
 STATUS_UNEXPECTED = 0xC211
 
-_HEADER_TAGS = [
-    Tag(0x0008, 0x0016),  # SOPClassUID
-    Tag(0x0008, 0x0018),  # SOPInstanceUID
-    Tag(0x0020, 0x000D),  # StudyInstanceUID
-    Tag(0x0020, 0x000E),  # SeriesInstanceUID
-]
-_UID_CHARS = re.compile(r"[0-9.]{1,64}")
 #: longer than any AE title can be, so nobody matches it
 _NOBODY = "<no AE title is allowed from this address>"
 
@@ -106,13 +99,6 @@ def quiet_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     # the per-PDU "standard" handlers log at DEBUG and cost CPU on every PDU even when filtered
     _config.LOG_HANDLER_LEVEL = "none"
-
-
-class _Rejected(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class _AllowListAE(AE):
@@ -248,27 +234,36 @@ class StorageSCP:
         calling = str(requestor.ae_title)
         peer = normalise_address(str(requestor.address))
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception:
-            LOGGER.exception("C-STORE from %s: could not take the received bytes", calling)
-            return _status(STATUS_UNEXPECTED, "internal error")
-        try:
-            return self._store(event, data, calling, peer)
+            request = event.request
+            stream = request.DataSet if isinstance(request, C_STORE) else None
+            if not isinstance(request, C_STORE) or not isinstance(stream, BytesIO):
+                raise TypeError("no dataset in the C-STORE request")
+            # a view, not a copy: the dataset is copied once, into the Part 10 bytes
+            with stream.getbuffer() as body:
+                return self._store(body, str(request.AffectedSOPClassUID),
+                                   str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                                   calling, peer)
         except Exception:
             LOGGER.exception("C-STORE from %s: unexpected error", calling)
             return _status(STATUS_UNEXPECTED, "internal error")
 
-    def _store(self, event: Event, data: bytes, calling: str, peer: str) -> Dataset | int:
-        transfer_syntax = str(event.context.transfer_syntax)
+    def _store(self, body: memoryview, requested_sop_class: str, requested_sop_instance: str,
+               transfer_syntax: str, calling: str, peer: str) -> Dataset | int:
         try:
-            header = _read_header(data, str(event.request.AffectedSOPClassUID))
-        except _Rejected as exc:
-            return self._quarantine(data, exc, calling, peer)
+            sop_class, sop_instance, study, series = read_uids(body, transfer_syntax)
+        except UnreadableHeader as exc:
+            status = STATUS_MISSING_UIDS if exc.missing else STATUS_CANNOT_UNDERSTAND
+            data = file_meta(requested_sop_class, requested_sop_instance, transfer_syntax, calling) + bytes(body)
+            return self._quarantine(data, status, exc.reason, calling, peer)
+        data = b"".join((file_meta(sop_class, sop_instance, transfer_syntax, calling), body))
+        if sop_class != requested_sop_class:
+            return self._quarantine(data, STATUS_SOP_CLASS_MISMATCH,
+                                    "SOP Class UID differs from the C-STORE request", calling, peer)
         instance = ReceivedInstance(
-            sop_class_uid=header[0],
-            sop_instance_uid=header[1],
-            study_instance_uid=header[2],
-            series_instance_uid=header[3],
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            study_instance_uid=study,
+            series_instance_uid=series,
             transfer_syntax_uid=transfer_syntax,
             calling_ae_title=calling,
             peer_address=peer,
@@ -278,47 +273,21 @@ class StorageSCP:
             outcome = self._sink.store(instance)
         except SinkFullError:
             LOGGER.error("C-STORE from %s: sink full, answering 0xA700 (instance %s)", calling,
-                         short_uid(instance.sop_instance_uid))
+                         short_uid(sop_instance))
             return _status(STATUS_OUT_OF_RESOURCES, "out of resources: storage full")
         if outcome is StoreOutcome.DUPLICATE:
-            LOGGER.debug("C-STORE from %s: duplicate instance %s", calling,
-                         short_uid(instance.sop_instance_uid))
+            LOGGER.debug("C-STORE from %s: duplicate instance %s", calling, short_uid(sop_instance))
         return STATUS_SUCCESS
 
-    def _quarantine(self, data: bytes, exc: _Rejected, calling: str, peer: str) -> Dataset:
+    def _quarantine(self, data: bytes, status: int, reason: str, calling: str, peer: str) -> Dataset:
         try:
-            qid = self._sink.quarantine(data, exc.reason, calling, peer)
+            qid = self._sink.quarantine(data, reason, calling, peer)
         except SinkFullError:
-            LOGGER.error("C-STORE from %s rejected (%s); quarantine full", calling, exc.reason)
+            LOGGER.error("C-STORE from %s rejected (%s); quarantine full", calling, reason)
             return _status(STATUS_OUT_OF_RESOURCES, "out of resources: storage full")
-        LOGGER.warning("C-STORE from %s rejected with 0x%04X (%s); quarantined as %s", calling,
-                       exc.status, exc.reason, qid)
-        return _status(exc.status, exc.reason)
-
-
-def _read_header(data: bytes, requested_sop_class: str) -> tuple[str, str, str, str]:
-    """SOP class, SOP instance, study and series UIDs from a Part 10 byte string.
-
-    Only the four elements are parsed (the walk stops before pixel data); raises ``_Rejected``.
-    """
-    try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        uids = (ds.get("SOPClassUID"), ds.get("SOPInstanceUID"), ds.get("StudyInstanceUID"),
-                ds.get("SeriesInstanceUID"))
-    except Exception as exc:  # any parse failure (zlib, struct, pydicom) means "cannot understand"
-        raise _Rejected(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__})") from exc
-    missing = [name for name, uid in zip(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                          "SeriesInstanceUID"), uids, strict=True)
-               if not isinstance(uid, str) or not uid.strip()]
-    if missing:
-        raise _Rejected(STATUS_MISSING_UIDS, f"missing {', '.join(missing)}")
-    values = tuple(str(uid).strip().rstrip("\x00") for uid in uids)
-    # digits and dots only: the store may name files after these
-    if any(_UID_CHARS.fullmatch(value) is None for value in values):
-        raise _Rejected(STATUS_CANNOT_UNDERSTAND, "invalid UID in header")
-    if values[0] != requested_sop_class:
-        raise _Rejected(STATUS_SOP_CLASS_MISMATCH, "SOP Class UID differs from the C-STORE request")
-    return values[0], values[1], values[2], values[3]
+        LOGGER.warning("C-STORE from %s rejected with 0x%04X (%s); quarantined as %s", calling, status,
+                       reason, qid)
+        return _status(status, reason)
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -93,10 +93,18 @@ def _ellipse(yy: Grid, xx: Grid, cy: float, cx: float, ry: float, rx: float, ang
 
 
 def _bone(s: NDArray[np.float32], yy: Grid, xx: Grid, cy: float, cx: float, ry: float, rx: float,
-          cortex_mm: float, cortex_hu: float, marrow_hu: float, angle: float = 0.0) -> None:
-    """Paint a bone cross-section: a cortical shell around marrow."""
-    s[_ellipse(yy, xx, cy, cx, ry, rx, angle)] = cortex_hu
-    s[_ellipse(yy, xx, cy, cx, ry - cortex_mm, rx - cortex_mm, angle)] = marrow_hu
+          cortex_mm: float, cortex_hu: float, marrow_hu: float, rng: np.random.Generator,
+          angle: float = 0.0, open_p: float = 0.3) -> Mask:
+    """Paint a bone cross-section, a cortical shell around marrow, sometimes with a gap; return the marrow."""
+    outer = _ellipse(yy, xx, cy, cx, ry, rx, angle)
+    marrow = _ellipse(yy, xx, cy, cx, ry - cortex_mm, rx - cortex_mm, angle)
+    s[outer] = cortex_hu
+    s[marrow] = marrow_hu
+    if rng.random() < open_p:  # a gap in the cortex: the marrow is no longer enclosed
+        theta = np.arctan2(yy - cy, xx - cx) - rng.uniform(-np.pi, np.pi)
+        wedge = np.abs(np.angle(np.exp(1j * theta))) < rng.uniform(0.1, 0.5)
+        s[outer & ~marrow & wedge] = marrow_hu
+    return marrow
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class _Body:
     table: bool
     table_hu: float
     texture_hu: float
+    trabecular_hu: float
 
 
 def _draw_body(rng: np.random.Generator) -> _Body:
@@ -141,22 +150,25 @@ def _draw_body(rng: np.random.Generator) -> _Body:
         muscle_hu=u(15, 75), visceral_hu=u(-120, -70), liver_hu=u(35, 140), spleen_hu=u(35, 140),
         kidney_hu=u(25, 220), aorta_hu=u(30, 380), bowel_contrast_hu=u(-20, 450), marrow_hu=u(90, 380),
         cortex_hu=u(350, 1100), vertebra_r=u(13, 22), n_ribs=int(rng.integers(0, 11)),
-        rib_marrow_hu=u(40, 300), arms=(bool(rng.random() < 0.5), bool(rng.random() < 0.5)),
-        arm_gap_mm=u(-4, 45), septa=int(rng.integers(0, 12)), streaks=int(rng.integers(0, 25)),
+        rib_marrow_hu=u(40, 300), arms=(bool(rng.random() < 0.6), bool(rng.random() < 0.6)),
+        arm_gap_mm=u(-15, -3) if rng.random() < 0.5 else u(3, 45),
+        septa=int(rng.integers(0, 12)), streaks=int(rng.integers(0, 25)),
         lung_fraction=u(0.0, 0.5), table=bool(rng.random() < 0.8), table_hu=u(-200, 900),
-        texture_hu=u(0, 15),
+        texture_hu=u(0, 15), trabecular_hu=u(0, 90),
     )
 
 
-def _arm(s: NDArray[np.float32], yy: Grid, xx: Grid, cy: float, cx: float, b: _Body,
-         rng: np.random.Generator) -> None:
+def _arm(s: NDArray[np.float32], yy: Grid, xx: Grid, cy: float, side: int, body_rx: float, b: _Body,
+         rng: np.random.Generator) -> Mask:
+    """An arm beside the body: touching it (so inside the body mask) or apart from it."""
     ry, rx = rng.uniform(35, 55), rng.uniform(35, 55)
+    cx = side * (body_rx + b.arm_gap_mm + rx)
     s[_ellipse(yy, xx, cy, cx, ry, rx)] = b.skin_hu
     s[_ellipse(yy, xx, cy, cx, ry - 2, rx - 2)] = b.fat_hu
     s[_ellipse(yy, xx, cy, cx, ry - 2 - rng.uniform(3, 15), rx - 2 - rng.uniform(3, 15))] = b.muscle_hu
     r = rng.uniform(9, 14)
-    _bone(s, yy, xx, cy + rng.uniform(-8, 8), cx + rng.uniform(-8, 8), r, r * rng.uniform(0.8, 1.1),
-          rng.uniform(2, 5), b.cortex_hu, rng.uniform(-100, 120))
+    return _bone(s, yy, xx, cy + rng.uniform(-8, 8), cx + rng.uniform(-8, 8), r, r * rng.uniform(0.8, 1.1),
+                 rng.uniform(1.5, 5), b.cortex_hu, rng.uniform(-100, 120), rng, open_p=0.1)
 
 
 def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> NDArray[np.float32]:
@@ -186,13 +198,14 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
     cavity = torso(2 + fat_front + m, 2 + b.fat_mm + m * 1.5, 2 + b.fat_mm + m)
     cry, crx = ry - 2 - fat_front - m, rx - 2 - b.fat_mm - m
     # ribs in the wall, a cortical ring around marrow
+    marrow = np.zeros(yy.shape, dtype=bool)
     for k in range(b.n_ribs):
         ang = np.pi * (-0.1 + 1.2 * k / max(b.n_ribs - 1, 1)) + rng.uniform(-0.05, 0.05)
         side = 1 if k % 2 == 0 else -1
         py = -(ry - 2 - fat_front - m / 2) * np.sin(ang) * side
         px = (rx - 2 - b.fat_mm - m / 2) * np.cos(ang)
-        _bone(s, yy, xx, py, px, rng.uniform(3, 6), rng.uniform(4, 9), rng.uniform(1, 2.5), b.cortex_hu,
-              b.rib_marrow_hu, angle=ang)
+        marrow |= _bone(s, yy, xx, py, px, rng.uniform(3, 6), rng.uniform(4, 9), rng.uniform(0.7, 2.5),
+                        b.cortex_hu, b.rib_marrow_hu, rng, angle=ang)
     s[cavity] = b.visceral_hu
     # organs
     liver = _ellipse(yy, xx, -0.1 * cry, -0.4 * crx, 0.7 * cry * (1.1 - 0.6 * t), 0.5 * crx, 0.3)
@@ -229,10 +242,10 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
         s[psoas & cavity] = b.muscle_hu + rng.uniform(-10, 10)
         para = _ellipse(yy, xx, vy + vr + 28, side * 28, 22, 24)
         s[para & torso(2, 2 + b.fat_mm, 2)] = b.muscle_hu + rng.uniform(-10, 10)
-    cortex = rng.uniform(1.2, 3.0)
-    _bone(s, yy, xx, vy, 0.0, vr, vr * 1.1, cortex, b.cortex_hu, b.marrow_hu)
+    marrow |= _bone(s, yy, xx, vy, 0.0, vr, vr * 1.1, rng.uniform(0.6, 3.0), b.cortex_hu, b.marrow_hu, rng,
+                    open_p=0.5)
     canal_y = vy + vr + 9
-    _bone(s, yy, xx, canal_y, 0.0, 12, 13, rng.uniform(3, 6), b.cortex_hu, rng.uniform(0, 30))
+    _bone(s, yy, xx, canal_y, 0.0, 12, 13, rng.uniform(3, 6), b.cortex_hu, rng.uniform(0, 30), rng)
     s[_ellipse(yy, xx, canal_y + 16, 0, 10, 4)] = b.cortex_hu  # spinous process
     if rng.random() < 0.4:  # the arch is not always closed in one slice
         s[_ellipse(yy, xx, canal_y - 9, 0, 4, 3)] = b.marrow_hu * 0.2
@@ -246,10 +259,17 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
         line = np.abs(np.sin(ang) * xx - np.cos(ang) * yy - off) < rng.uniform(0.5, 2.0)
         s[line & muscle & _ellipse(yy, xx, rng.uniform(-ry, ry), rng.uniform(-rx, rx), 40, 40)] = \
             rng.uniform(-110, -40)
-    # arms beside the body, sometimes touching it
+    # small vessels and nodes everywhere inside, many near the 150 and 200 HU thresholds
+    for _ in range(int(rng.integers(2, 14))):
+        r = rng.uniform(1.5, 7)
+        vessel = _ellipse(yy, xx, rng.uniform(-0.8, 0.8) * cry, rng.uniform(-0.8, 0.8) * crx, r, r)
+        s[vessel & cavity] = rng.uniform(60, 320)
     for side, present in zip((-1, 1), b.arms, strict=True):
         if present:
-            _arm(s, yy, xx, rng.uniform(-0.3, 0.3) * ry, side * (rx + b.arm_gap_mm + 45), b, rng)
+            marrow |= _arm(s, yy, xx, rng.uniform(-0.15, 0.15) * ry, side, rx, b, rng)
+    if b.trabecular_hu > 0:  # cancellous bone is not uniform: some of it falls below 200 HU
+        field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=s.shape), 0.8) * (b.trabecular_hu / 0.33)
+        s[marrow] += field[marrow].astype(np.float32)
     if b.table:  # curved table shells under the patient
         top = ry_post + rng.uniform(3, 25)
         for depth in (0.0, rng.uniform(15, 40)):

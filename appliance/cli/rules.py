@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicom_router.errors import RulesError
-from dicom_router.rules import load_rules
+from dicom_router.rules import main_check
 
 
 def main(argv: Sequence[str]) -> int:
@@ -17,12 +16,4 @@ def main(argv: Sequence[str]) -> int:
     check = sub.add_parser("check", help="validate a rules file")
     check.add_argument("file", type=Path)
     args = p.parse_args(argv)
-    try:
-        ruleset = load_rules(args.file)
-    except RulesError as exc:
-        sys.stderr.write(f"{args.file}: INVALID\n{exc}\n")
-        return 1
-    sys.stdout.write(f"{args.file}: OK, {len(ruleset.rules)} rule(s)\n")
-    for rule in ruleset.rules:
-        sys.stdout.write(f"  {rule.name}: model {rule.model}\n")
-    return 0
+    return main_check(args.file, sys.stdout, sys.stderr)
