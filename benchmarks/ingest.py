@@ -5,13 +5,16 @@ One run sends the same cached 300-slice 512x512 CT (about 158 MB) with ``storesc
 per rep, and measures instances/s, MB/s, the receiver's CPU seconds (utime+stime from /proc) and
 its peak RSS (VmHWM). Results go to the ``ingest`` section of ``BENCHMARKS.md``.
 
-    .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,storescp,orthanc]
+    .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,portico-stock,...]
 
-Receivers, all durable per instance:
+Receivers (each one fsyncs every instance before answering, except storescp):
 
-* ``portico``: :class:`dicom_router.scp.StorageSCP` in a subprocess with a sink that writes each
-  instance to a temp file, fsyncs it and renames it into place (``appliance.store.Store`` when it
-  exists and is given with ``--sink store``);
+* ``portico``: :class:`dicom_router.scp.StorageSCP` (event-driven reactor) in a subprocess, with a
+  sink that writes each instance to a temp file, fsyncs it and renames it into place: one fsync
+  per instance, as Orthanc's ``SyncStorageArea``;
+* ``portico-stock``: the same with pynetdicom's own polling reactor (``event_driven=False``);
+* ``portico-store``: the same SCP with the appliance's real sink, ``appliance.store.Store`` (file
+  fsync, directory fsync, SQLite WAL commit with ``synchronous=FULL``);
 * ``storescp``: DCMTK ``storescp -od DIR`` with env ``TCP_NODELAY=1`` (no fsync: DCMTK has none);
 * ``orthanc``: ``Orthanc cfg.json`` with ``SyncStorageArea: true`` (fsync), env ``TCP_NODELAY=1``.
 """
@@ -39,11 +42,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.markdown import write_section  # noqa: E402
 from dicom_router.ports import ReceivedInstance, StoreOutcome  # noqa: E402
 
 SHAPE = (300, 512, 512)
 CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
-START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -95,21 +98,22 @@ class FsyncSink:
         return "q"
 
 
-def serve(port: int, out: Path, sink_kind: str) -> int:
+def serve(port: int, out: Path, sink_kind: str, stock: bool) -> int:
     """Run our StorageSCP until SIGTERM (the benchmark's receiver subprocess)."""
+    from dicom_router.ports import InstanceSink
     from dicom_router.scp import StorageSCP
     from dicom_router.settings import Peer, RouterSettings
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    sink: object
+    sink: InstanceSink
     if sink_kind == "store":
-        from appliance.store import Store  # type: ignore[import-not-found]
+        from appliance.store import Store
 
-        sink = Store(out)  # pragma: no cover - depends on the appliance's store
+        sink = Store(out / "data", fsync=True)
     else:
         sink = FsyncSink(out)
     settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),))
-    scp = StorageSCP(settings, sink)  # type: ignore[arg-type]
+    scp = StorageSCP(settings, sink, event_driven=False if stock else None)
     scp.start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     scp.stop()
@@ -196,12 +200,13 @@ def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[sub
     return Sample(name, len(files), received, wall, cpu, rss, sum(p.stat().st_size for p in files))
 
 
-def start_portico(sink_kind: str) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
+def start_portico(sink_kind: str, stock: bool = False
+                  ) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
     def start(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
         out = work / "in"
         out.mkdir()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), str(out),
-               "--sink", sink_kind]
+               "--sink", sink_kind, *(["--stock"] if stock else [])]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb")), "PORTICO"
     return start
 
@@ -234,7 +239,9 @@ def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def count_files(work: Path, port: int) -> int:
-    return sum(1 for p in (work / "in").iterdir() if p.is_file() and not p.name.startswith("."))
+    """Instances stored: storescp names files ``CT.<uid>``, our sinks ``<uid>.dcm`` (in sub-folders)."""
+    return sum(1 for p in (work / "in").rglob("*") if p.is_file() and not p.name.startswith(".")
+               and (p.name.endswith(".dcm") or p.name.startswith("CT.")) and "quarantine" not in p.parts)
 
 
 def count_orthanc(work: Path, port: int) -> int:
@@ -249,15 +256,36 @@ def summary(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
 
 
-def report(samples: dict[str, list[Sample]], reps: int) -> str:
+def fsync_probe(folder: Path, size: int = 525_926, count: int = 40) -> float:
+    """Median milliseconds to write and fsync one new file of ``size`` bytes: the disk's floor."""
+    data = os.urandom(size)
+    probe = Path(tempfile.mkdtemp(prefix="fsync-", dir=folder))
+    times = []
+    try:
+        for i in range(count):
+            t0 = time.perf_counter()
+            fd = os.open(probe / f"{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return statistics.median(times) * 1000
+
+
+def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> str:
     labels = {
-        "portico": "Portico StorageSCP (pynetdicom, raw bytes, fsync per instance)",
+        "portico": "Portico StorageSCP (event-driven reactor; sink: fsync per instance)",
+        "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor (sink: fsync per instance)",
+        "portico-store": "Portico StorageSCP + appliance Store (file+dir fsync, SQLite FULL)",
         "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",
         "orthanc": "Orthanc (TCP_NODELAY=1, SyncStorageArea=true)",
     }
     first = next(iter(samples.values()))[0]
     lines = [
-        START,
         "## C-STORE ingest (`benchmarks/ingest.py`)",
         "",
         f"{first.instances} × CT 512×512 uncompressed ({first.bytes_sent / 1e6:.1f} MB), one association "
@@ -265,7 +293,7 @@ def report(samples: dict[str, list[Sample]], reps: int) -> str:
         f"median [min–max] of {reps} reps. Receiver CPU = utime+stime from /proc over the send; "
         "peak RSS = VmHWM.",
         f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
-        f"run {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+        f"run {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. {context}",
         "",
         "| receiver | inst/s | MB/s | wall s | receiver CPU s | peak RSS MB | all stored |",
         "|---|---|---|---|---|---|---|",
@@ -281,43 +309,35 @@ def report(samples: dict[str, list[Sample]], reps: int) -> str:
             f"{summary([s.rss_mb for s in runs], '{:.0f}')} | "
             f"{'yes' if all(s.received == s.instances for s in runs) else 'NO'} |"
         )
-    if "portico" in medians:
-        lines.append("")
+    lines.append("")
+    for ours in ("portico", "portico-stock", "portico-store"):
         for other in ("orthanc", "storescp"):
-            if other in medians:
-                lines.append(f"* Portico / {other}: **{medians['portico'] / medians[other]:.2f}×** "
-                             "(median inst/s)")
-    lines.append(END)
+            if ours in medians and other in medians:
+                lines.append(f"* {ours} / {other}: **{medians[ours] / medians[other]:.2f}×** (median inst/s)")
     return "\n".join(lines)
-
-
-def write_section(text: str) -> Path:
-    path = REPO / "BENCHMARKS.md"
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--receivers", default="portico,storescp,orthanc")
-    parser.add_argument("--sink", choices=("fsync", "store"), default="fsync")
+    parser.add_argument("--receivers", default="portico,portico-stock,portico-store,storescp,orthanc")
+    parser.add_argument("--sink", choices=("fsync", "store"), default="fsync", help=argparse.SUPPRESS)
+    parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink)
+        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink, args.stock)
 
     CACHE.mkdir(parents=True, exist_ok=True)
     files = ensure_study()
+    load_before = os.getloadavg()[0]
+    fsync_ms = fsync_probe(CACHE)
+    print(f"fsync of one 0.5 MB file: {fsync_ms:.2f} ms (median); load average {load_before:.2f}", flush=True)
     starters = {
-        "portico": (start_portico(args.sink), count_files),
+        "portico": (start_portico("fsync"), count_files),
+        "portico-stock": (start_portico("fsync", stock=True), count_files),
+        "portico-store": (start_portico("store"), count_files),
         "storescp": (start_storescp, count_files),
         "orthanc": (start_orthanc, count_orthanc),
     }
@@ -331,10 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rep {rep + 1} {name:9s} {sample.instances / sample.wall:7.1f} inst/s "
                   f"wall {sample.wall:.2f}s cpu {sample.cpu:.2f}s rss {sample.rss_mb:.0f}MB "
                   f"stored {sample.received}/{sample.instances}", flush=True)
-    text = report(samples, args.reps)
+    context = (f"Write+fsync of one new 0.5 MB file on this disk: {fsync_ms:.2f} ms median (a floor for every "
+               f"fsyncing receiver); 1-min load average {load_before:.2f} before, "
+               f"{os.getloadavg()[0]:.2f} after (other work on the machine inflates the spread).")
+    text = report(samples, args.reps, context)
     print(text)
     if not args.no_write:
-        print(f"wrote {write_section(text)}")
+        print(f"wrote {write_section('ingest', text)}")
     return 0
 
 

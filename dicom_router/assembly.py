@@ -15,6 +15,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicom_router.reactor import request_association
 from dicom_router.scp import quiet_pynetdicom, short_uid
 from dicom_router.settings import Peer
 
@@ -64,7 +65,7 @@ def count_study_instances(peer: Peer, our_ae: str, study_uid: str, timeout: floa
     query.StudyInstanceUID = study_uid
     query.NumberOfStudyRelatedInstances = None
     try:
-        assoc = ae.associate(peer.query_host, peer.query_port, ae_title=called)
+        assoc = request_association(ae, peer.query_host, peer.query_port, called, 0)
     except Exception as exc:  # pynetdicom raises a variety here; every one means "don't know"
         LOGGER.warning("C-FIND to %s@%s:%d failed to associate: %s", called, peer.query_host,
                        peer.query_port, exc)

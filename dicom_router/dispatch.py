@@ -150,6 +150,7 @@ class Dispatcher:
         for name, group in by_destination.items():
             destination = self._destinations.get(name)
             if destination is None:
+                LOGGER.error("%d item(s) for unknown destination %r: giving up on them", len(group), name)
                 for item in group:
                     self._fail(item, f"unknown destination {name!r}", permanent=True)
                 continue
@@ -182,21 +183,24 @@ class Dispatcher:
             return
         results = _send(destination, files, destination_calling_ae(destination, self._calling_ae),
                         self._timeout)
-        sent = 0
+        failures = [r for r in results if not r.ok]
         for result in results:
             item = by_path[result.path]
             if result.ok:
                 self._outbox.mark_sent(item.id)
-                sent += 1
             else:
                 self._fail(item, result.error or "failed", permanent=result.permanent)
-        LOGGER.info("dispatch to %s: %d sent, %d failed", destination.name, sent, len(results) - sent)
+        if failures:
+            LOGGER.warning("dispatch to %s: %d sent, %d failed (first: %s)", destination.name,
+                           len(results) - len(failures), len(failures), failures[0].error)
+        else:
+            LOGGER.info("dispatch to %s: %d sent", destination.name, len(results))
 
     def _fail(self, item: OutboxItem, error: str, *, permanent: bool) -> None:
         retry = backoff_seconds(item.attempts, self._settings.retry_initial_seconds,
                                 self._settings.retry_max_seconds)
-        LOGGER.warning("dispatch of %s to %s failed (%s)%s", short_uid(item.sop_instance_uid),
-                       item.destination, error, "; giving up" if permanent else f"; retry in {retry:g}s")
+        LOGGER.debug("dispatch of %s to %s failed (%s)%s", short_uid(item.sop_instance_uid),
+                     item.destination, error, "; giving up" if permanent else f"; retry in {retry:g}s")
         self._outbox.mark_failed(item.id, error, retry, permanent)
 
 

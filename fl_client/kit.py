@@ -81,7 +81,7 @@ def _extract(zip_path: Path, dest: Path) -> None:
 
 def find_kit_root(folder: Path) -> Path:
     """The folder holding ``startup/fed_client.json``: ``folder`` itself or one below it."""
-    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []
     for candidate in candidates:
         if (candidate / "startup" / CLIENT_CONFIG).is_file():
             return candidate

@@ -120,7 +120,7 @@ class SiteStatusWriter(FLComponent):  # type: ignore[misc]
             if ended:
                 job_id, state = ended
                 running.pop(job_id, None)
-                history = (history + [{"job_id": job_id, "state": state, "at": time.time()}])[-50:]
+                history = [*history, {"job_id": job_id, "state": state, "at": time.time()}][-50:]
             status.update(changes, running_jobs=running, history=history, updated=time.time())
             write_json(self.layout.status_file, status)
 

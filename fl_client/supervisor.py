@@ -9,6 +9,7 @@ those left by an earlier appliance run. HOME and TMPDIR point into the FL folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,10 +124,8 @@ def kill_tree(procs: dict[int, int], timeout: float) -> int:
     live = {p: s for p, s in procs.items() if _alive(p, s)}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in live:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline and any(_alive(p, s) for p, s in live.items()):
             time.sleep(0.1)

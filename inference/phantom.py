@@ -95,16 +95,20 @@ def _ellipse(yy: Grid, xx: Grid, cy: float, cx: float, ry: float, rx: float, ang
 def _bone(s: NDArray[np.float32], yy: Grid, xx: Grid, cy: float, cx: float, ry: float, rx: float,
           cortex_mm: float, cortex_hu: float, marrow_hu: float, rng: np.random.Generator,
           angle: float = 0.0, open_p: float = 0.3) -> Mask:
-    """Paint a bone cross-section, a cortical shell around marrow, sometimes with a gap; return the marrow."""
+    """Paint a bone cross-section, a cortical shell around marrow, sometimes with gaps; return the bone.
+
+    Real cortex is thin and uneven, so in CT its ring above 200 HU is often open and the marrow inside
+    it (often below 200 HU) is then not bone by the rule.
+    """
     outer = _ellipse(yy, xx, cy, cx, ry, rx, angle)
     marrow = _ellipse(yy, xx, cy, cx, ry - cortex_mm, rx - cortex_mm, angle)
     s[outer] = cortex_hu
     s[marrow] = marrow_hu
-    if rng.random() < open_p:  # a gap in the cortex: the marrow is no longer enclosed
+    for _ in range(int(rng.binomial(3, open_p))):
         theta = np.arctan2(yy - cy, xx - cx) - rng.uniform(-np.pi, np.pi)
-        wedge = np.abs(np.angle(np.exp(1j * theta))) < rng.uniform(0.1, 0.5)
+        wedge = np.abs(np.angle(np.exp(1j * theta))) < rng.uniform(0.05, 0.4)
         s[outer & ~marrow & wedge] = marrow_hu
-    return marrow
+    return outer
 
 
 @dataclass(frozen=True)
@@ -148,13 +152,13 @@ def _draw_body(rng: np.random.Generator) -> _Body:
         ry=u(85, 150), rx=u(130, 200), posterior_flat=u(0.8, 1.0), fat_mm=u(4, 40),
         fat_front_extra=u(0, 25), muscle_mm=u(6, 18), skin_hu=u(10, 80), fat_hu=u(-125, -75),
         muscle_hu=u(15, 75), visceral_hu=u(-120, -70), liver_hu=u(35, 140), spleen_hu=u(35, 140),
-        kidney_hu=u(25, 220), aorta_hu=u(30, 380), bowel_contrast_hu=u(-20, 450), marrow_hu=u(90, 380),
-        cortex_hu=u(350, 1100), vertebra_r=u(13, 22), n_ribs=int(rng.integers(0, 11)),
-        rib_marrow_hu=u(40, 300), arms=(bool(rng.random() < 0.6), bool(rng.random() < 0.6)),
-        arm_gap_mm=u(-15, -3) if rng.random() < 0.5 else u(3, 45),
+        kidney_hu=u(25, 220), aorta_hu=u(30, 380), bowel_contrast_hu=u(-20, 450), marrow_hu=u(60, 320),
+        cortex_hu=u(250, 1000), vertebra_r=u(13, 22), n_ribs=int(rng.integers(0, 11)),
+        rib_marrow_hu=u(-50, 250), arms=(bool(rng.random() < 0.7), bool(rng.random() < 0.7)),
+        arm_gap_mm=u(-6, 14),
         septa=int(rng.integers(0, 12)), streaks=int(rng.integers(0, 25)),
         lung_fraction=u(0.0, 0.5), table=bool(rng.random() < 0.8), table_hu=u(-200, 900),
-        texture_hu=u(0, 15), trabecular_hu=u(0, 90),
+        texture_hu=u(0, 15), trabecular_hu=u(0, 120),
     )
 
 
@@ -198,13 +202,13 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
     cavity = torso(2 + fat_front + m, 2 + b.fat_mm + m * 1.5, 2 + b.fat_mm + m)
     cry, crx = ry - 2 - fat_front - m, rx - 2 - b.fat_mm - m
     # ribs in the wall, a cortical ring around marrow
-    marrow = np.zeros(yy.shape, dtype=bool)
+    bones = np.zeros(yy.shape, dtype=bool)
     for k in range(b.n_ribs):
         ang = np.pi * (-0.1 + 1.2 * k / max(b.n_ribs - 1, 1)) + rng.uniform(-0.05, 0.05)
         side = 1 if k % 2 == 0 else -1
         py = -(ry - 2 - fat_front - m / 2) * np.sin(ang) * side
         px = (rx - 2 - b.fat_mm - m / 2) * np.cos(ang)
-        marrow |= _bone(s, yy, xx, py, px, rng.uniform(3, 6), rng.uniform(4, 9), rng.uniform(0.7, 2.5),
+        bones |= _bone(s, yy, xx, py, px, rng.uniform(3, 6), rng.uniform(4, 9), rng.uniform(0.7, 2.5),
                         b.cortex_hu, b.rib_marrow_hu, rng, angle=ang)
     s[cavity] = b.visceral_hu
     # organs
@@ -242,15 +246,15 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
         s[psoas & cavity] = b.muscle_hu + rng.uniform(-10, 10)
         para = _ellipse(yy, xx, vy + vr + 28, side * 28, 22, 24)
         s[para & torso(2, 2 + b.fat_mm, 2)] = b.muscle_hu + rng.uniform(-10, 10)
-    marrow |= _bone(s, yy, xx, vy, 0.0, vr, vr * 1.1, rng.uniform(0.6, 3.0), b.cortex_hu, b.marrow_hu, rng,
-                    open_p=0.5)
+    bones |= _bone(s, yy, xx, vy, 0.0, vr, vr * 1.1, rng.uniform(0.5, 2.5), b.cortex_hu, b.marrow_hu, rng,
+                    open_p=0.4)
     canal_y = vy + vr + 9
-    _bone(s, yy, xx, canal_y, 0.0, 12, 13, rng.uniform(3, 6), b.cortex_hu, rng.uniform(0, 30), rng)
-    s[_ellipse(yy, xx, canal_y + 16, 0, 10, 4)] = b.cortex_hu  # spinous process
-    if rng.random() < 0.4:  # the arch is not always closed in one slice
-        s[_ellipse(yy, xx, canal_y - 9, 0, 4, 3)] = b.marrow_hu * 0.2
+    bones |= _bone(s, yy, xx, canal_y, 0.0, 12, 13, rng.uniform(2, 5), b.cortex_hu, rng.uniform(0, 30), rng)
+    # spinous and transverse processes
+    bones |= _bone(s, yy, xx, canal_y + 16, 0, 10, 4, rng.uniform(0.7, 2), b.cortex_hu, b.marrow_hu, rng)
     for side in (-1, 1):
-        s[_ellipse(yy, xx, canal_y, side * 22, 4, 12)] = b.cortex_hu * 0.7
+        bones |= _bone(s, yy, xx, canal_y, side * 22, 4, 12, rng.uniform(0.7, 2), b.cortex_hu, b.marrow_hu,
+                        rng)
     # intermuscular fat streaks in all muscle
     muscle = np.abs(s - b.muscle_hu) < 12
     for _ in range(b.streaks):
@@ -266,10 +270,10 @@ def _slice(yy: Grid, xx: Grid, t: float, b: _Body, rng: np.random.Generator) -> 
         s[vessel & cavity] = rng.uniform(60, 320)
     for side, present in zip((-1, 1), b.arms, strict=True):
         if present:
-            marrow |= _arm(s, yy, xx, rng.uniform(-0.15, 0.15) * ry, side, rx, b, rng)
+            bones |= _arm(s, yy, xx, rng.uniform(-0.15, 0.15) * ry, side, rx, b, rng)
     if b.trabecular_hu > 0:  # cancellous bone is not uniform: some of it falls below 200 HU
         field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=s.shape), 0.8) * (b.trabecular_hu / 0.33)
-        s[marrow] += field[marrow].astype(np.float32)
+        s[bones] += field[bones].astype(np.float32)
     if b.table:  # curved table shells under the patient
         top = ry_post + rng.uniform(3, 25)
         for depth in (0.0, rng.uniform(15, 40)):
@@ -304,5 +308,6 @@ def make_phantom(
         field = ndimage.zoom(coarse, (1, ny / coarse.shape[1], nx / coarse.shape[2]), order=1)
         hu += np.where(soft, field[:, :ny, :nx], 0).astype(np.float32)
     hu += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
-    hu = ndimage.gaussian_filter(hu, sigma=(0.0, 0.6, 0.6)).astype(np.float32)
+    blur = rng.uniform(0.4, 1.0)  # scanner resolution, in pixels
+    hu = ndimage.gaussian_filter(hu, sigma=(0.0, blur, blur)).astype(np.float32)
     return Phantom(hu=hu, labels=hu_reference_labels(hu, spacing), spacing=spacing)

@@ -45,6 +45,8 @@ NAME, VERSION = "ct-body-composition", "1.0.0"
 WINDOW = (-600.0, 1000.0)
 PATCH = (1, 512, 512)
 FEATURES = (16, 16, 32, 64, 128, 16)
+#: the rule's HU thresholds (body, adipose low, adipose/muscle, muscle high, bone), as input features
+THRESHOLDS_HU = (-499.5, -190.5, -29.5, 150.5, 199.5)
 CLASSES = {ADIPOSE: "adipose", MUSCLE: "muscle", BONE: "bone"}
 #: tissue HU ranges a predicted segment's mean must fall in (bone includes marrow)
 HU_RANGES = {ADIPOSE: (-190.0, -30.0), MUSCLE: (-29.0, 150.0), BONE: (200.0, 1500.0)}
@@ -57,17 +59,34 @@ class Config:
     phantoms: int = 150
     slices_per_phantom: int = 2
     size: int = 384
-    crop: int = 160
-    batch: int = 8
+    crop: int = 192
+    batch: int = 6
     steps: int = 500
     lr: float = 3e-3
     eval_phantoms: int = 3
 
 
-def make_network() -> BasicUNet:
-    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=FEATURES,
+class ThresholdFeatures(torch.nn.Module):
+    """Fixed input features: the windowed CT plus one indicator per HU threshold of the rule.
+
+    Half-integer thresholds separate integer HU exactly, whatever the float rounding of the window.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        low, high = WINDOW
+        levels = [(t - low) / (high - low) for t in THRESHOLDS_HU]
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, (x > self.levels).to(x.dtype)], dim=1)
+
+
+def make_network() -> torch.nn.Module:
+    unet = BasicUNet(spatial_dims=2, in_channels=1 + len(THRESHOLDS_HU), out_channels=4, features=FEATURES,
                      act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
                      norm=("batch", {"affine": True}), upsample="deconv")
+    return torch.nn.Sequential(ThresholdFeatures(), unet)
 
 
 class Slab(torch.nn.Module):
@@ -102,15 +121,24 @@ def training_slices(cfg: Config, rng: np.random.Generator) -> tuple[NDArray[np.f
 
 def batches(hu: NDArray[np.float32], labels: NDArray[np.uint8], cfg: Config,
             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of random crops, half of them around bone; flips and transposes keep the HU rule."""
+    """One batch of random crops; flips and transposes keep the HU rule.
+
+    A third of the crops centre on bone, a third on tissue outside the body (arms apart from the
+    trunk, the table): the two places where the rule is not a matter of HU alone.
+    """
     xs = np.empty((cfg.batch, 1, cfg.crop, cfg.crop), np.float32)
     ys = np.empty((cfg.batch, cfg.crop, cfg.crop), np.int64)
     half = cfg.crop // 2
     for b in range(cfg.batch):
         i = int(rng.integers(hu.shape[0]))
-        bone = np.flatnonzero(labels[i] == BONE)
-        if b % 2 and bone.size:
-            cy, cx = divmod(int(bone[rng.integers(bone.size)]), cfg.size)
+        if b % 3 == 1:
+            centres = np.flatnonzero(labels[i] == BONE)
+        elif b % 3 == 2:
+            centres = np.flatnonzero((labels[i] == 0) & (hu[i] > -200) & (hu[i] < 150))
+        else:
+            centres = np.empty(0, np.intp)
+        if centres.size:
+            cy, cx = divmod(int(centres[rng.integers(centres.size)]), cfg.size)
             y0, x0 = (min(max(c - half + int(rng.integers(-half // 2, half // 2 + 1)), 0), cfg.size - cfg.crop)
                       for c in (cy, cx))
         else:
@@ -231,7 +259,7 @@ def manifest_data(files: dict[str, str], cfg: Config,
                  "colour": [240, 240, 220]},
             ],
             "measurements": ["volume", "mean", "stddev", "min", "max"],
-            "postprocessing": ["largest_component"],
+            "postprocessing": [],
         },
         "model_file": "model.onnx",
         "model_card": "MODEL_CARD.md",
@@ -242,7 +270,7 @@ def manifest_data(files: dict[str, str], cfg: Config,
             "training_data": f"{cfg.phantoms * cfg.slices_per_phantom} synthetic phantom slices "
                              f"(inference.phantom, seeds {cfg.seed}..{cfg.seed + cfg.phantoms - 1})",
             "labels": "inference.phantom.hu_reference_labels (HU rule)",
-            "network": f"MONAI BasicUNet 2D, features {list(FEATURES)}",
+            "network": f"MONAI BasicUNet 2D, features {list(FEATURES)}, HU-threshold input channels",
             "torch": str(torch.__version__),
             "real_ct_dice": ", ".join(f"{k[5:]} {v:.3f}" for k, v in figures.get("real", {}).items()
                                       if k.startswith("dice_")) or "not measured",
@@ -272,12 +300,17 @@ appliance has something real to run end to end (DICOM in, ONNX inference, SEG an
 
 ## What it is
 - Task: per-voxel labels on axial CT: 1 adipose tissue, 2 skeletal muscle, 3 bone (0 background).
-- Network: MONAI `BasicUNet`, 2D, features {list(FEATURES)}, batch norm, run slice by slice; exported to
-  ONNX (opset 17) with the contract input `(N, 1, z, y, x)` → logits `(N, 4, z, y, x)`;
-  {onnx_bytes / 1e6:.1f} MB.
+- Network: MONAI `BasicUNet`, 2D, features {list(FEATURES)}, batch norm, run slice by slice. Its
+  input is the windowed CT plus fixed indicator channels for the rule's HU thresholds
+  ({", ".join(f"{t:g}" for t in THRESHOLDS_HU)} HU), computed inside the graph, so the learning goes
+  into the rule's morphology (opening, filled bone, body region). Exported to ONNX (opset 17) with
+  the contract input `(N, 1, z, y, x)` → logits `(N, 4, z, y, x)`; {onnx_bytes / 1e6:.1f} MB.
 - Input: native voxel grid, HU clipped to [{WINDOW[0]:.0f}, {WINDOW[1]:.0f}] and scaled to [0, 1],
   patches of {PATCH[1]}x{PATCH[2]} pixels (smaller slices are padded).
-- Postprocessing: the largest 3D connected component of all tissue is kept (removes arms, table).
+- Postprocessing: none. The network itself leaves out what the rule leaves out (table, arms apart
+  from the trunk); `largest_component` is not used because an arm pressed against the trunk belongs
+  to the body by the rule yet is not connected to it in the label map (the skin line between them is
+  thinner than the rule's opening).
 
 ## How it was made
 - Training data: **synthetic phantoms only** ({cfg.phantoms} phantoms x {cfg.slices_per_phantom} slices,

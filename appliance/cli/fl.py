@@ -32,7 +32,7 @@ from appliance.cli.common import parser, settings_from
 from appliance.models import ModelRegistry
 from appliance.settings import Settings
 from appliance.store import Store
-from fl_client.approvals import Approvals, DecisionKind
+from fl_client.approvals import Approvals, Decision, DecisionKind
 from fl_client.dataset import CandidateSeries, build_index
 from fl_client.errors import FLClientError
 from fl_client.export import export_candidate
@@ -120,6 +120,22 @@ def install_candidate(settings: Settings, store: Store, job_id: str, actor: str)
         "fl_job_id": job_id, "package": ref, "role": str(state.role),
         "onnx_max_abs_diff": result.max_abs_diff}))
     return ref
+
+
+def decide_job(settings: Settings, store: Store, job_id: str, decision: DecisionKind, actor: str,
+               reason: str = "") -> Decision:
+    """Approve or reject a job waiting at this site, audited (for the CLI and the API).
+
+    Raises
+    ------
+    KeyError
+        When the job has not asked to run here.
+    """
+    made = Approvals(layout_of(settings)).decide(job_id, decision, actor=actor, reason=reason)
+    event = AuditEvent.FL_JOB_APPROVED if decision == "approved" else AuditEvent.FL_JOB_REJECTED
+    store.record(AuditRecord(event, actor=actor, detail={"fl_job_id": made.job_id, "name": made.name,
+                                                         "submitter": made.submitter, "reason": made.reason}))
+    return made
 
 
 def build_supervisor(settings: Settings, store: Store) -> FLSupervisor:
@@ -214,16 +230,12 @@ def _dispatch(args: object, settings: Settings, layout: SiteLayout, store: Store
     elif action == "status":
         _print_status(site_status(layout), a["as_json"])
     elif action in ("approve", "reject"):
-        approvals = Approvals(layout)
         decision: DecisionKind = "approved" if action == "approve" else "rejected"
         try:
-            made = approvals.decide(a["job_id"], decision, actor=actor, reason=a.get("reason") or "")
+            made = decide_job(settings, store, a["job_id"], decision, actor, a.get("reason") or "")
         except KeyError:
             sys.stderr.write(f"job {a['job_id']} has not asked to run at this site\n")
             return 1
-        event = AuditEvent.FL_JOB_APPROVED if decision == "approved" else AuditEvent.FL_JOB_REJECTED
-        store.record(AuditRecord(event, actor=actor, detail={"fl_job_id": made.job_id, "name": made.name,
-                                                             "submitter": made.submitter, "reason": made.reason}))
         sys.stdout.write(f"{decision} job {made.job_id} ({made.name!r} from {made.submitter})\n")
     elif action == "cohort":
         for name, count in refresh_cohorts(settings, store, a["names"]).items():

@@ -301,10 +301,10 @@ def stow() -> Iterator[StowServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            content_type = self.headers["Content-Type"]
+            content_type = str(self.headers["Content-Type"])
             message = BytesParser(policy=HTTP).parsebytes(
                 f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-            parts = [part.get_payload(decode=True) for part in message.iter_parts()]
+            parts = [bytes(part.get_payload(decode=True)) for part in message.iter_parts()]
             state.requests.append((self.path, content_type, parts))
             payload: dict[str, object] = {}
             if state.failed_uid:

@@ -6,6 +6,7 @@ it. Each process started here is recorded and stopped by :meth:`Federation.close
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -13,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,16 +272,12 @@ class Federation:
     def close(self) -> None:
         self.track()
         for site in self.sites.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.stop_site(site)
-            except subprocess.TimeoutExpired:
-                pass
         if self.server_proc is not None and self.server_proc.poll() is None:
             self.server_proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.server_proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
         kill_tree(self.known, 10)
         for proc in self.started:
             if proc.poll() is None:
@@ -290,7 +286,8 @@ class Federation:
 
 
 def job_folder(dest: Path, *, rounds: int = 2, min_responses: int = 2, steps: int = 15, timeout: int = 300,
-               wait_after_min: int = 5, custom_client_code: bool = False, name: str | None = None) -> Path:
+               wait_after_min: int = 5, custom_client_code: bool = False, name: str | None = None,
+               sites: list[str] | None = None) -> Path:
     """A copy of the shipped job definition with test-sized settings."""
     job = dest / (name or JOB_TEMPLATE.name)
     shutil.copytree(JOB_TEMPLATE, job)
@@ -303,10 +300,11 @@ def job_folder(dest: Path, *, rounds: int = 2, min_responses: int = 2, steps: in
     cfg = json.loads(client_cfg.read_text())
     cfg["executors"][0]["executor"]["args"].update(steps=steps)
     client_cfg.write_text(json.dumps(cfg, indent=2))
-    if name:
-        meta = json.loads((job / "meta.json").read_text())
-        meta["name"] = name
-        (job / "meta.json").write_text(json.dumps(meta))
+    meta = json.loads((job / "meta.json").read_text())
+    meta["name"] = name or meta["name"]
+    meta["deploy_map"]["app_client"] = sites or ["site-a", "site-b"]
+    meta["min_clients"] = len(meta["deploy_map"]["app_client"])
+    (job / "meta.json").write_text(json.dumps(meta))
     if custom_client_code:
         (job / "app_client" / "custom").mkdir()
         (job / "app_client" / "custom" / "evil.py").write_text("import os\nos.system('touch /tmp/pwned')\n")

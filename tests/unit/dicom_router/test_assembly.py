@@ -47,8 +47,10 @@ class FindSCP:
         ae = AE(ae_title="PACS")
         ae.require_called_aet = True
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_FIND, self.on_find)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_FIND, self.on_find)])
+        assert server is not None
+        self.server = server
 
     def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
         query = event.identifier

@@ -11,6 +11,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -91,7 +92,8 @@ def test_big_endian_and_deflate_go_through_pydicom() -> None:
     ds = make_dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = UIDS[:2]
+    ds.file_meta.MediaStorageSOPClassUID = UID(UIDS[0])
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(UIDS[1])
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     raw = out.getvalue()
@@ -144,6 +146,6 @@ def test_file_meta_reads_back_like_pynetdicoms(source: str | None) -> None:
     assert ds.file_meta.get("SourceApplicationEntityTitle") == source
     assert ds.SeriesInstanceUID == UIDS[3] and ds.PatientName == "PHANTOM^DEMO"
     if source is None:
-        theirs = encode_file_meta(create_file_meta(sop_class_uid=UIDS[0], sop_instance_uid=UIDS[1],
+        theirs = encode_file_meta(create_file_meta(sop_class_uid=UID(UIDS[0]), sop_instance_uid=UID(UIDS[1]),
                                                    transfer_syntax=ExplicitVRLittleEndian))
         assert meta == b"\x00" * 128 + b"DICM" + theirs

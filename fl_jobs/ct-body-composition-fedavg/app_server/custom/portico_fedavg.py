@@ -47,7 +47,9 @@ class PorticoFedAvg(FedAvg):
         model.start_round = self.start_round
         model.total_rounds = self.num_rounds
         rounds_done = 0
-        for self.current_round in range(self.start_round, self.start_round + self.num_rounds):
+        for current_round in range(self.start_round, self.start_round + self.num_rounds):
+            self.current_round = current_round
+            self.info(f"Round {current_round} started.")
             model.current_round = self.current_round
             self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, self.current_round, private=True, sticky=False)
             self.event(AppEventType.ROUND_STARTED)
