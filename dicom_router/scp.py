@@ -156,7 +156,7 @@ class StorageSCP:
 
     @property
     def address(self) -> tuple[str, int]:
-        """Host and port the server is bound to (the real port, also when settings said 0)."""
+        """Host and port the server is bound to."""
         if self._server is None:
             raise RouterError("the storage SCP is not running")
         host, port = self._server.server_address[:2]

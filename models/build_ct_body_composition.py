@@ -27,8 +27,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import yaml
-from monai.losses import DiceCELoss
-from monai.networks.nets import BasicUNet
+from monai.losses.dice import DiceCELoss
+from monai.networks.nets.basic_unet import BasicUNet
 from numpy.typing import NDArray
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +76,7 @@ class ThresholdFeatures(torch.nn.Module):
         super().__init__()
         low, high = WINDOW
         levels = [(t - low) / (high - low) for t in THRESHOLDS_HU]
+        self.levels: torch.Tensor
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ class Slab(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, d, h, w = x.shape
-        y = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
+        y: torch.Tensor = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
         return y.reshape(n, d, y.shape[1], h, w).permute(0, 2, 1, 3, 4)
 
 
@@ -226,7 +227,9 @@ def mean_hu(hu: NDArray[np.float32], mask: NDArray[np.bool_]) -> float:
 
 def manifest_data(files: dict[str, str], cfg: Config,
                   figures: dict[str, dict[str, float]]) -> dict[str, object]:
-    tissue = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
+    def tissue() -> dict[str, str]:  # a fresh dict each time: no YAML anchors in the manifest
+        return {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
+
     return {
         "name": NAME,
         "version": VERSION,
@@ -248,13 +251,13 @@ def manifest_data(files: dict[str, str], cfg: Config,
         },
         "output": {
             "segments": [
-                {"label": ADIPOSE, "name": "Adipose tissue", "category": tissue,
+                {"label": ADIPOSE, "name": "Adipose tissue", "category": tissue(),
                  "type": {"value": "55603005", "scheme": "SCT", "meaning": "Fat"},
                  "colour": [255, 214, 0]},
-                {"label": MUSCLE, "name": "Skeletal muscle", "category": tissue,
+                {"label": MUSCLE, "name": "Skeletal muscle", "category": tissue(),
                  "type": {"value": "127954009", "scheme": "SCT", "meaning": "Skeletal muscle"},
                  "colour": [214, 40, 40]},
-                {"label": BONE, "name": "Bone", "category": tissue,
+                {"label": BONE, "name": "Bone", "category": tissue(),
                  "type": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"},
                  "colour": [240, 240, 220]},
             ],
@@ -340,6 +343,15 @@ Dice measures agreement with the HU rule, not anatomical truth.
   series give meaningless output.
 - Muscle is not separated from organs; intermuscular fat inside muscle is labelled adipose; bone
   includes contrast-enhanced vessels and enclosed marrow.
+
+## Known errors (where it disagrees with the rule)
+- Arms: the rule keeps an arm only when it touches the trunk in that slice (after its opening), a
+  matter of a few pixels of skin contact. The model usually labels both arms; on the real CT above
+  it labels the right arm, which the rule leaves out, and most of the bone disagreement comes from it.
+- Bone marrow and the spinal canal: the rule fills them only where the cortex above 200 HU closes a
+  ring in that slice. The model gets this wrong on some vertebrae (too little or too much filled).
+- Boundaries: partial-volume voxels near a threshold (fat/muscle at -30 HU, bone at 200 HU) go either
+  way.
 """
 
 

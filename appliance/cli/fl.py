@@ -35,7 +35,6 @@ from appliance.store import Store
 from fl_client.approvals import Approvals, Decision, DecisionKind
 from fl_client.dataset import CandidateSeries, build_index
 from fl_client.errors import FLClientError
-from fl_client.export import export_candidate
 from fl_client.kit import install_kit, make_request, package_signed
 from fl_client.layout import SiteLayout, read_json, write_json
 from fl_client.policy import write_policy
@@ -109,6 +108,9 @@ def audit_fl_event(store: Store, event: FLEvent) -> None:
 
 def install_candidate(settings: Settings, store: Store, job_id: str, actor: str) -> str:
     """Export job ``job_id`` and install it as a candidate version; returns ``name@version``."""
+    # torch and ONNX are loaded only when a model is exported, not by every appliance process
+    from fl_client.export import export_candidate
+
     layout = layout_of(settings)
     result = export_candidate(layout, job_id, settings.models_dir)
     registry = ModelRegistry.from_settings(settings, audit=store.record)
