@@ -7,6 +7,7 @@ instances that arrive after a hand-off open the study again and lead to the next
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -69,9 +70,16 @@ class HandOff:
                                        instance_count=len(paths)) for uid, paths in series.items()),
         )
         routes = self.rules.route(headers)
-        ids = self.store.record_routes(run, [(r.rule, r.model, r.model_version, r.series_uid) for r in routes])
+        members = self.store.series_members(run.study_uid, run.version)
+        ids = self.store.record_routes(run, [(r.rule, r.model, r.model_version, r.series_uid,
+                                              content_key(members[r.series_uid])) for r in routes])
         log.info("study %s run %d: %d job(s) %s", short(run.study_uid), run.version, len(ids),
                  [r.model for r in routes] or "(no rule matched)")
+
+
+def content_key(sop_instance_uids: list[str]) -> str:
+    """Identifies a series' exact content: the sorted SOP Instance UIDs it holds."""
+    return hashlib.sha256("\\".join(sorted(sop_instance_uids)).encode()).hexdigest()
 
 
 def short(uid: str) -> str:

@@ -60,7 +60,8 @@ class JobRunner:
         paths = self.store.series_of(job.study_uid, job.run_version).get(job.series_uid)
         if not paths:
             raise SeriesError(f"series {short(job.series_uid)} has no stored instances")
-        run_key = f"{job.study_uid}/{job.series_uid}/v{job.run_version}/{job.rule}"
+        # derived UIDs follow from the series content, the rule and (inside build_*) the model version
+        run_key = f"{job.study_uid}/{job.series_uid}/{job.rule}/{job.content_key}"
         result = run_segmentation(paths, package, self.sessions, self.settings.inference, run_key)
         folder = self.store.results_dir / f"job-{job.id}"
         folder.mkdir(parents=True, exist_ok=True)

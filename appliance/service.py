@@ -9,6 +9,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.fl import build_supervisor
 from appliance.handoff import HandOff
 from appliance.jobs import JobRunner
 from appliance.models import ModelRegistry
@@ -17,6 +18,7 @@ from appliance.store import Store
 from dicom_router.dispatch import Dispatcher
 from dicom_router.rules import load_rules
 from dicom_router.scp import StorageSCP
+from fl_client.errors import NotEnrolledError
 from inference.runtime.onnxruntime import SessionCache
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class Service:
         self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
         self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title)
         self.scp = StorageSCP(settings.router, self.store)
+        self.fl = build_supervisor(settings, self.store) if settings.fl.enabled else None
         self._stop = threading.Event()
         self._wake_jobs = threading.Event()
         self._wake_dispatch = threading.Event()
@@ -51,6 +54,12 @@ class Service:
         for n in range(self.settings.inference.workers):
             self._spawn(f"jobs-{n}", self._job_loop)
         self._spawn("dispatch", self._dispatch_loop)
+        if self.fl is not None:
+            try:
+                self.fl.start()
+            except NotEnrolledError as exc:
+                log.warning("federated learning is enabled but this site is not enrolled: %s", exc)
+                self.fl = None
         log.info("listening as %s on %s:%d", self.settings.router.ae_title, self.settings.router.bind_host,
                  self.settings.router.port)
 
@@ -93,6 +102,8 @@ class Service:
         self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        if self.fl is not None:
+            self.fl.stop()
         self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "stop"}))
         self.store.close()
 

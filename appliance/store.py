@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model TEXT NOT NULL,
     model_version TEXT,
     series_uid TEXT NOT NULL,
+    content_key TEXT NOT NULL,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
@@ -164,6 +165,7 @@ class Job:
     model: str
     model_version: str | None
     series_uid: str
+    content_key: str
     state: JobState
     attempts: int
     error: str | None
@@ -251,6 +253,8 @@ class Store:
             self.record(AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
                                     detail={"sop_instance_uid": instance.sop_instance_uid}))
             return StoreOutcome.DUPLICATE
+        if self._query("SELECT 1 FROM results WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
+            return self._own_result_echoed(instance)
         folder = self.instances_dir / instance.study_instance_uid / instance.series_instance_uid
         path = folder / f"{instance.sop_instance_uid}.dcm"
         self._write_durably(path, instance.data)
@@ -276,6 +280,20 @@ class Store:
                                                 "series_uid": instance.series_instance_uid,
                                                 "sop_class_uid": instance.sop_class_uid}))
         return StoreOutcome.STORED
+
+    def _own_result_echoed(self, instance: ReceivedInstance) -> StoreOutcome:
+        """One of our own results came back (a PACS forwarding the whole study): never an input.
+
+        It is not indexed and does not reopen the study, so it can never start a run (no loops); it is
+        counted, because the PACS counts it in NumberOfStudyRelatedInstances.
+        """
+        with self._tx() as db:
+            db.execute("UPDATE studies SET received_count = received_count + 1 WHERE study_uid = ?",
+                       (instance.study_instance_uid,))
+            self._audit(db, AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
+                                        actor=instance.calling_ae_title,
+                                        detail={"sop_instance_uid": instance.sop_instance_uid, "own_result": True}))
+        return StoreOutcome.DUPLICATE
 
     def _write_durably(self, path: Path, data: bytes) -> None:
         folder = path.parent
@@ -345,7 +363,9 @@ class Store:
             version = int(row["run_version"]) + 1
             db.execute("UPDATE instances SET run_version = ? WHERE study_uid = ? AND run_version IS NULL",
                        (version, study_uid))
-            db.execute("UPDATE studies SET run_version = ?, open = 0 WHERE study_uid = ?", (version, study_uid))
+            # the PACS's count is asked afresh for the next run: it may hold more by then
+            db.execute("UPDATE studies SET run_version = ?, open = 0, expected_count = NULL WHERE study_uid = ?",
+                       (version, study_uid))
             run = Run(study_uid, version, reason, int(row["received_count"]), float(row["last_received"]),
                       time.time())
             db.execute("INSERT INTO runs (study_uid, version, created, reason, instance_count, last_received) "
@@ -376,22 +396,48 @@ class Store:
             out.setdefault(r["series_uid"], []).append(Path(r["path"]))
         return out
 
+    def series_members(self, study_uid: str, up_to_version: int) -> dict[str, list[str]]:
+        """SOP Instance UIDs per series of a study, for runs up to ``up_to_version``."""
+        rows = self._query("SELECT series_uid, sop_instance_uid FROM instances WHERE study_uid = ? "
+                           "AND run_version <= ? ORDER BY sop_instance_uid", (study_uid, up_to_version))
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["series_uid"], []).append(r["sop_instance_uid"])
+        return out
+
+    def instance_index(self) -> list[dict[str, Any]]:
+        """Every stored instance: study, series, SOP class and path (for cohort selection)."""
+        return [dict(r) for r in self._query("SELECT study_uid, series_uid, sop_class_uid, path FROM instances "
+                                             "ORDER BY study_uid, series_uid, path")]
+
     def instance_count(self, study_uid: str | None = None) -> int:
         if study_uid is None:
             return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
         return int(self._query("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,))[0][0])
 
-    def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str]]) -> list[int]:
-        """Create one PENDING job per (rule, model, model_version, series_uid) and mark the run routed."""
+    def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str, str]]) -> list[int]:
+        """Create one PENDING job per (rule, model, model_version, series_uid, content_key); mark the run routed.
+
+        A route whose series content (``content_key``) an earlier run of the same rule already covers
+        adds no job: a late instance elsewhere in the study does not redo an unchanged series.
+        """
         now = time.time()
         ids: list[int] = []
         with self._tx() as db:
-            for rule, model, model_version, series_uid in routes:
+            for rule, model, model_version, series_uid, content_key in routes:
+                earlier = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND rule = ? AND series_uid = ? AND "
+                                     "content_key = ? AND run_version < ?",
+                                     (run.study_uid, rule, series_uid, content_key, run.version)).fetchone()
+                if earlier is not None:
+                    self._audit(db, AuditRecord(AuditEvent.ROUTED, run.study_uid, int(earlier["id"]),
+                                                detail={"rule": rule, "run_version": run.version,
+                                                        "unchanged_since_job": int(earlier["id"])}))
+                    continue
                 cur = db.execute(
                     "INSERT OR IGNORE INTO jobs (study_uid, run_version, rule, model, model_version, series_uid,"
-                    " state, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (run.study_uid, run.version, rule, model, model_version, series_uid, JobState.PENDING,
-                     now, now))
+                    " content_key, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (run.study_uid, run.version, rule, model, model_version, series_uid, content_key,
+                     JobState.PENDING, now, now))
                 if cur.lastrowid and cur.rowcount:
                     ids.append(int(cur.lastrowid))
                     self._audit(db, AuditRecord(AuditEvent.ROUTED, run.study_uid, int(cur.lastrowid),
@@ -408,7 +454,7 @@ class Store:
 
     def _job(self, r: sqlite3.Row) -> Job:
         return Job(r["id"], r["study_uid"], r["run_version"], r["rule"], r["model"], r["model_version"],
-                   r["series_uid"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
+                   r["series_uid"], r["content_key"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
                    json.loads(r["timings"]) if r["timings"] else {}, r["updated"])
 
     def jobs(self, study_uid: str | None = None) -> list[Job]:

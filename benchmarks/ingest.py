@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"stored {sample.received}/{sample.instances}", flush=True)
     context = (f"Write+fsync of one new 0.5 MB file on this disk: {fsync_ms:.2f} ms median (a floor for every "
                f"fsyncing receiver); 1-min load average {load_before:.2f} before, "
-               f"{os.getloadavg()[0]:.2f} after (other work on the machine inflates the spread).")
+               f"{os.getloadavg()[0]:.2f} after (other work on the machine inflates the spread); "
+               f"niceness {os.nice(0)}.")
     text = report(samples, args.reps, context)
     print(text)
     if not args.no_write:

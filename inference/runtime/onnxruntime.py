@@ -97,6 +97,7 @@ class OnnxRuntime(Runtime):
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # ORT's own provider warnings go to stderr; we log instead
+        options.enable_cpu_mem_arena = False
         available = available_providers()
         wanted = choose_providers(self.preferred, available)
         failure = ""

@@ -55,7 +55,7 @@ def test_real_compressed_ct_gets_seg_and_sr(
     assert referenced == sources
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Adipose tissue", "Skeletal muscle", "Bone"]
     sr = hd.sr.srread(io.BytesIO(pacs.client.get_instances_id_file(derived["SR"][0])))
-    groups = sr.content.get_volumetric_roi_measurement_and_qualitative_evaluation_groups()
+    groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 3
     store = portico.store()
     try:

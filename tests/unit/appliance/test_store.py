@@ -83,8 +83,8 @@ def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path)
     store.store(instance(1))
     run = store.hand_off(STUDY, "count")
     assert run is not None
-    assert len(store.record_routes(run, [("r", "m", None, SERIES)])) == 1
-    assert store.record_routes(run, [("r", "m", None, SERIES)]) == []  # routing again adds nothing
+    assert len(store.record_routes(run, [("r", "m", None, SERIES, "k1")])) == 1
+    assert store.record_routes(run, [("r", "m", None, SERIES, "k1")]) == []  # routing again adds nothing
     job = store.claim_job()
     assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
     store.close()  # "crash" while RUNNING
@@ -100,7 +100,7 @@ def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -
     store.store(instance(1))
     run = store.hand_off(STUDY, "count")
     assert run is not None
-    store.record_routes(run, [("r", "m", None, SERIES)])
+    store.record_routes(run, [("r", "m", None, SERIES, "k1")])
     job = store.claim_job()
     assert job is not None
     res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
@@ -119,3 +119,40 @@ def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -
     for expected in ("received", "study_complete", "routed", "job_state", "inferred", "dispatched",
                      "dispatch_failed"):
         assert expected in events
+
+
+def _done_job(store: Store, tmp_path: Path) -> str:
+    store.store(instance(1))
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    store.record_routes(run, [("r", "m", None, SERIES, "k1")])
+    job = store.claim_job()
+    assert job is not None
+    store.complete_job(job, [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "s.dcm", {})],
+                       ["pacs"], "CPUExecutionProvider", "abc", {})
+    return "9.9.1"
+
+
+def test_own_result_echoed_back_is_counted_but_never_an_input(store: Store, tmp_path: Path) -> None:
+    seg_uid = _done_job(store, tmp_path)
+    echoed = ReceivedInstance("1.2.840.10008.5.1.4.1.1.66.4", seg_uid, STUDY, "9.9", "1.2.840.10008.1.2.1", "PACS",
+                              "127.0.0.1", b"DICMseg")
+    assert store.store(echoed) is StoreOutcome.DUPLICATE
+    assert store.open_studies() == []  # no new run can start from our own output
+    assert store.instance_count(STUDY) == 1
+    assert store.hand_off(STUDY, "quiet") is None
+    assert any(e["detail"].get("own_result") for e in store.audit_events(STUDY))
+
+
+def test_hand_off_forgets_the_pacs_count_and_unchanged_series_are_not_redone(store: Store, tmp_path: Path) -> None:
+    _done_job(store, tmp_path)
+    store.set_expected_count(STUDY, 1)
+    store.store(instance(2))
+    assert store.open_studies()[0].expected_count == 1
+    run2 = store.hand_off(STUDY, "quiet")
+    assert run2 is not None and run2.version == 2
+    reopened = store.store(instance(3)) and store.open_studies()
+    assert reopened and reopened[0].expected_count is None  # asked afresh for the next run
+    # same rule, same series content as the first run: no new job; changed content: a job
+    assert store.record_routes(run2, [("r", "m", None, SERIES, "k1")]) == []
+    assert len(store.record_routes(run2, [("r", "m", None, SERIES, "k2")])) == 1

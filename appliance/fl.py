@@ -1,0 +1,131 @@
+"""Federated learning wired to the appliance: store-backed cohorts, audited events, candidate export.
+
+Used by ``portico serve`` (the supervised NVFlare client), ``portico fl`` and the API.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pydicom
+
+from appliance.audit import AuditEvent, AuditRecord
+from appliance.models import ModelRegistry
+from appliance.settings import Settings
+from appliance.store import Store
+from fl_client.approvals import Approvals, Decision, DecisionKind
+from fl_client.dataset import CandidateSeries, build_index
+from fl_client.layout import SiteLayout, read_json, write_json
+from fl_client.supervisor import FLEvent, FLEventKind, FLSupervisor
+from inference.packages import load_package
+
+log = logging.getLogger(__name__)
+
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+
+_EVENT_AUDIT = {
+    FLEventKind.STARTED: AuditEvent.FL_CLIENT, FLEventKind.EXITED: AuditEvent.FL_CLIENT,
+    FLEventKind.STOPPED: AuditEvent.FL_CLIENT, FLEventKind.JOB_WAITING: AuditEvent.FL_JOB_WAITING,
+    FLEventKind.JOB_STARTED: AuditEvent.FL_CLIENT, FLEventKind.ROUND: AuditEvent.FL_ROUND,
+    FLEventKind.JOB_FINISHED: AuditEvent.FL_JOB_FINISHED, FLEventKind.EXPORTED: AuditEvent.FL_EXPORTED,
+    FLEventKind.EXPORT_FAILED: AuditEvent.FL_EXPORTED,
+}
+
+
+def layout_of(settings: Settings) -> SiteLayout:
+    return SiteLayout(settings.data_dir / settings.fl.workspace)
+
+
+class StoreStudySource:
+    """The store's image series, each with the SEG instances stored alongside that reference it.
+
+    SEGs produced by Portico and approved in review join here once review records approvals.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def series(self) -> Iterable[CandidateSeries]:
+        rows = self.store.instance_index()
+        images: dict[tuple[str, str], list[Path]] = {}
+        segs: dict[str, list[Path]] = {}
+        for r in rows:
+            if r["sop_class_uid"] in SEG_SOP_CLASSES:
+                ds = pydicom.dcmread(r["path"], stop_before_pixels=True)
+                for ref in getattr(ds, "ReferencedSeriesSequence", []):
+                    segs.setdefault(str(ref.SeriesInstanceUID), []).append(Path(r["path"]))
+            else:
+                images.setdefault((r["study_uid"], r["series_uid"]), []).append(Path(r["path"]))
+        for (study_uid, series_uid), paths in images.items():
+            header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+            yield CandidateSeries(study_uid, series_uid, header, paths, segs.get(series_uid, []))
+
+
+def refresh_cohorts(settings: Settings, store: Store, names: Sequence[str] = ()) -> dict[str, int]:
+    """Rebuild the cohort index files from the store; series count per cohort."""
+    layout = layout_of(settings)
+    layout.ensure()
+    counts = {}
+    for name, rule in settings.fl.cohorts.items():
+        if names and name not in names:
+            continue
+        index = build_index(name, rule, StoreStudySource(store), layout.cohorts / f"{name}.json")
+        counts[name] = len(index.series)
+    return counts
+
+
+def audit_fl_event(store: Store, event: FLEvent) -> None:
+    detail = {"kind": str(event.kind), **event.detail}
+    if event.job_id:
+        detail["fl_job_id"] = event.job_id
+    store.record(AuditRecord(_EVENT_AUDIT[event.kind], actor="fl", detail=detail))
+
+
+def install_candidate(settings: Settings, store: Store, job_id: str, actor: str) -> str:
+    """Export job ``job_id`` and install it as a candidate version; returns ``name@version``."""
+    # torch and ONNX are loaded only when a model is exported, not by every appliance process
+    from fl_client.export import export_candidate
+
+    layout = layout_of(settings)
+    result = export_candidate(layout, job_id, settings.models_dir)
+    registry = ModelRegistry.from_settings(settings, audit=store.record)
+    state, _ = registry.install(load_package(result.package.root), actor, source=f"fl:{job_id}")
+    ref = result.package.ref
+    exported = read_json(layout.job_dir(job_id) / "exported.json", {}) or {}
+    write_json(layout.job_dir(job_id) / "exported.json", {**exported, "installed": ref, "role": str(state.role)})
+    store.record(AuditRecord(AuditEvent.FL_EXPORTED, actor=actor, detail={
+        "fl_job_id": job_id, "package": ref, "role": str(state.role),
+        "onnx_max_abs_diff": result.max_abs_diff}))
+    return ref
+
+
+def decide_job(settings: Settings, store: Store, job_id: str, decision: DecisionKind, actor: str,
+               reason: str = "") -> Decision:
+    """Approve or reject a job waiting at this site, audited (for the CLI and the API).
+
+    Raises
+    ------
+    KeyError
+        When the job has not asked to run here.
+    """
+    made = Approvals(layout_of(settings)).decide(job_id, decision, actor=actor, reason=reason)
+    event = AuditEvent.FL_JOB_APPROVED if decision == "approved" else AuditEvent.FL_JOB_REJECTED
+    store.record(AuditRecord(event, actor=actor, detail={"fl_job_id": made.job_id, "name": made.name,
+                                                         "submitter": made.submitter, "reason": made.reason}))
+    return made
+
+
+def build_supervisor(settings: Settings, store: Store) -> FLSupervisor:
+    """The supervisor ``portico serve`` runs: audited events, store cohorts, automatic export."""
+    def on_event(event: FLEvent) -> None:
+        audit_fl_event(store, event)
+
+    def on_job_finished(job_id: str) -> None:
+        ref = install_candidate(settings, store, job_id, actor="fl")
+        log.info("job %s exported as candidate %s; promote with: portico models promote", job_id, ref)
+
+    refresh_cohorts(settings, store)
+    return FLSupervisor(settings.fl, settings.data_dir, models_dir=settings.models_dir, on_event=on_event,
+                        on_job_finished=on_job_finished)
