@@ -7,7 +7,7 @@ its peak RSS (VmHWM). Results go to the ``ingest`` section of ``BENCHMARKS.md``.
 
     .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,portico-stock,...]
 
-Receivers (each one fsyncs every instance before answering, except storescp):
+Receivers (each one fsyncs every instance before answering, except storescp and ``*-nosync``):
 
 * ``portico``: :class:`dicom_router.scp.StorageSCP` (event-driven reactor) in a subprocess, with a
   sink that writes each instance to a temp file, fsyncs it and renames it into place: one fsync
@@ -15,6 +15,8 @@ Receivers (each one fsyncs every instance before answering, except storescp):
 * ``portico-stock``: the same with pynetdicom's own polling reactor (``event_driven=False``);
 * ``portico-store``: the same SCP with the appliance's real sink, ``appliance.store.Store`` (file
   fsync, directory fsync, SQLite WAL commit with ``synchronous=FULL``);
+* ``portico-nosync`` / ``portico-stock-nosync``: both reactors with a sink that stops at the page
+  cache, as storescp does: the protocol path alone;
 * ``storescp``: DCMTK ``storescp -od DIR`` with env ``TCP_NODELAY=1`` (no fsync: DCMTK has none);
 * ``orthanc``: ``Orthanc cfg.json`` with ``SyncStorageArea: true`` (fsync), env ``TCP_NODELAY=1``.
 """
@@ -46,6 +48,8 @@ from benchmarks.markdown import write_section  # noqa: E402
 from dicom_router.ports import ReceivedInstance, StoreOutcome  # noqa: E402
 
 SHAPE = (300, 512, 512)
+RECEIVERS = ("portico", "portico-stock", "portico-store", "portico-nosync", "portico-stock-nosync",
+             "storescp", "orthanc")
 CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -72,10 +76,14 @@ def ensure_study() -> list[Path]:
 # --- our SCP as a subprocess ----------------------------------------------------------------------
 
 class FsyncSink:
-    """Durable like the appliance store: temp file, fsync, rename; duplicates by SOP Instance UID."""
+    """Durable like the appliance store: temp file, fsync, rename; duplicates by SOP Instance UID.
 
-    def __init__(self, root: Path) -> None:
+    With ``fsync=False`` it only reaches the page cache, like storescp: the protocol path's speed.
+    """
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root
+        self.fsync = fsync
         self.seen: set[str] = set()
 
     def store(self, instance: ReceivedInstance) -> StoreOutcome:
@@ -86,7 +94,8 @@ class FsyncSink:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             os.write(fd, instance.data)
-            os.fsync(fd)
+            if self.fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -111,7 +120,7 @@ def serve(port: int, out: Path, sink_kind: str, stock: bool) -> int:
 
         sink = Store(out / "data", fsync=True)
     else:
-        sink = FsyncSink(out)
+        sink = FsyncSink(out, fsync=sink_kind == "fsync")
     settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),))
     scp = StorageSCP(settings, sink, event_driven=False if stock else None)
     scp.start()
@@ -281,6 +290,8 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
         "portico": "Portico StorageSCP (event-driven reactor; sink: fsync per instance)",
         "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor (sink: fsync per instance)",
         "portico-store": "Portico StorageSCP + appliance Store (file+dir fsync, SQLite FULL)",
+        "portico-nosync": "Portico StorageSCP (event-driven), sink without fsync (page cache, like storescp)",
+        "portico-stock-nosync": "Portico StorageSCP (pynetdicom's polling reactor), sink without fsync",
         "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",
         "orthanc": "Orthanc (TCP_NODELAY=1, SyncStorageArea=true)",
     }
@@ -310,7 +321,7 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
             f"{'yes' if all(s.received == s.instances for s in runs) else 'NO'} |"
         )
     lines.append("")
-    for ours in ("portico", "portico-stock", "portico-store"):
+    for ours in ("portico", "portico-stock", "portico-store", "portico-nosync"):
         for other in ("orthanc", "storescp"):
             if ours in medians and other in medians:
                 lines.append(f"* {ours} / {other}: **{medians[ours] / medians[other]:.2f}×** (median inst/s)")
@@ -320,8 +331,8 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--receivers", default="portico,portico-stock,portico-store,storescp,orthanc")
-    parser.add_argument("--sink", choices=("fsync", "store"), default="fsync", help=argparse.SUPPRESS)
+    parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--sink", choices=("fsync", "nosync", "store"), default="fsync", help=argparse.SUPPRESS)
     parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
@@ -338,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "portico": (start_portico("fsync"), count_files),
         "portico-stock": (start_portico("fsync", stock=True), count_files),
         "portico-store": (start_portico("store"), count_files),
+        "portico-nosync": (start_portico("nosync"), count_files),
+        "portico-stock-nosync": (start_portico("nosync", stock=True), count_files),
         "storescp": (start_storescp, count_files),
         "orthanc": (start_orthanc, count_orthanc),
     }

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from inference.errors import RuntimeUnavailableError
+from inference.errors import InferenceError, RuntimeUnavailableError
 from inference.packages import ModelPackage
 from inference.runtime.base import CPU_PROVIDER, Runtime
 
@@ -97,7 +97,7 @@ class OnnxRuntime(Runtime):
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # ORT's own provider warnings go to stderr; we log instead
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = False  # the arena keeps every batch's peak for good: ~2x RSS
         available = available_providers()
         wanted = choose_providers(self.preferred, available)
         failure = ""
@@ -130,7 +130,10 @@ class OnnxRuntime(Runtime):
         if batch.ndim != 5:
             raise ValueError(f"expected a batch (N, 1, z, y, x), got shape {batch.shape}")
         feed = np.ascontiguousarray(batch, dtype=np.float32)
-        (out,) = self._session.run([self._output_name], {self._input_name: feed})
+        try:
+            (out,) = self._session.run([self._output_name], {self._input_name: feed})
+        except Exception as exc:  # ORT's own exception types are not importable in a stable way
+            raise InferenceError(f"{self.model_path.name} failed on a batch {batch.shape}: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
 
 

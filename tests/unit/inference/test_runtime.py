@@ -15,7 +15,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from inference.errors import RuntimeUnavailableError
+from inference.errors import InferenceError, RuntimeUnavailableError
 from inference.packages import MANIFEST_NAME, ModelPackage, load_package, write_digests
 from inference.runtime import onnxruntime as ort_runtime
 from inference.runtime.onnxruntime import OnnxRuntime, SessionCache, choose_providers, is_available
@@ -170,6 +170,8 @@ def test_run_computes_the_model(model_path: Path) -> None:
     np.testing.assert_allclose(out[:, 1], 10 * batch[:, 0] - 3, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch"):
         runtime.run(batch[0])
+    with pytest.raises(InferenceError, match="failed on a batch"):
+        runtime.run(np.zeros((1, 2, 3, 4, 5), np.float32))  # two channels for a one-channel model
 
 
 def test_session_cache_reuses_sessions(tmp_path: Path) -> None:
