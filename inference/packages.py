@@ -142,7 +142,7 @@ class Manifest(BaseModel):
     task: Task
     title: str = Field(min_length=1, max_length=64)
     description: str = ""
-    algorithm_family: Code = Code(value="123109", scheme="DCM", meaning="Manual Processing")
+    algorithm_family: Code = Code(value="123110", scheme="DCM", meaning="Artificial Intelligence")
     clinical_use: bool = False
     input: InputSpec
     output: OutputSpec
