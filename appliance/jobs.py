@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -14,8 +16,11 @@ from appliance.models import ModelRegistry
 from appliance.settings import Settings
 from appliance.store import Job, ResultFile, Store
 from inference.errors import InferenceError, PackageError, SeriesError
-from inference.pipeline import run_segmentation
+from inference.packages import ModelPackage
+from inference.pipeline import PipelineResult, run_segmentation
+from inference.results.summary import build_summary, labels_from_seg
 from inference.runtime.onnxruntime import SessionCache
+from inference.volume import load_series
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,35 @@ class JobRunner:
                 "measurements": [dataclasses.asdict(m) for m in result.measurements],
             }),
         ]
+        # Secondary Capture key images only for the destinations that ask for them
+        sc_destinations = [d.name for d in self.settings.dispatch.destinations if d.secondary_capture]
+        if sc_destinations:
+            files += self._summary(job, folder, paths, result, package, run_key)
         destinations = [d.name for d in self.settings.dispatch.destinations]
-        self.store.complete_job(job, files, destinations, result.provider, package.package_hash, result.timings)
+        self.store.complete_job(job, files, destinations, result.provider, package.package_hash, result.timings,
+                                destinations_for={f.sop_instance_uid: sc_destinations
+                                                  for f in files if f.kind == "sc"})
         log.info("job %d done: %s on %s, %s", job.id, package.ref, result.provider,
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+
+    def _summary(self, job: Job, folder: Path, paths: Sequence[Path], result: PipelineResult,
+                 package: ModelPackage, run_key: str) -> list[ResultFile]:
+        """Key images drawn from the SEG just built, so they show exactly what the SEG says.
+
+        They are a convenience copy: when they cannot be made, the SEG and SR still go out.
+        """
+        t0 = time.perf_counter()
+        try:
+            volume = load_series(paths)
+            labels = labels_from_seg(result.seg, volume, package.manifest)
+            images = build_summary(volume, labels, result.measurements, package.manifest,
+                                   self.settings.inference.device, self.settings.inference.uid_root, run_key)
+        except Exception:  # never let the convenience images hold back the SEG and SR
+            log.exception("job %d: summary images failed; SEG and SR are sent without them", job.id)
+            return []
+        result.timings["summary"] = time.perf_counter() - t0
+        return [self._write(folder, "sc", ds, {"model": package.ref, "key_image": n})
+                for n, ds in enumerate(images, start=1)]
 
     def _write(self, folder: Path, kind: str, ds: Dataset, detail: dict[str, object]) -> ResultFile:
         path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+from appliance.api.app import create_app
+from appliance.api_server import ApiServer
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.fl import build_supervisor
 from appliance.handoff import HandOff
@@ -43,6 +45,7 @@ class Service:
         self._wake_jobs = threading.Event()
         self._wake_dispatch = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.api = ApiServer(settings, create_app(settings, self.store, self)) if settings.api.enabled else None
 
     def start(self) -> None:
         resumed = self.store.resume_interrupted()
@@ -62,6 +65,13 @@ class Service:
                 self.fl = None
         log.info("listening as %s on %s:%d", self.settings.router.ae_title, self.settings.router.bind_host,
                  self.settings.router.port)
+        if self.api is not None:
+            try:
+                self.api.start()
+            except OSError:
+                log.error("the API cannot listen on %s:%d; stopping", self.settings.api.host, self.settings.api.port)
+                self.stop()
+                raise
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
@@ -96,6 +106,8 @@ class Service:
         self._wake_dispatch.clear()
 
     def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
         self._stop.set()
         self._wake_jobs.set()
         self._wake_dispatch.set()

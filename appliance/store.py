@@ -488,8 +488,13 @@ class Store:
         return len(rows)
 
     def complete_job(self, job: Job, results: list[ResultFile], destinations: list[str], provider: str,
-                     package_hash: str, timings: dict[str, float]) -> None:
-        """Record the results and queue them for every destination, atomically."""
+                     package_hash: str, timings: dict[str, float],
+                     destinations_for: dict[str, list[str]] | None = None) -> None:
+        """Record the results and queue them for every destination, atomically.
+
+        ``destinations_for`` maps a result's SOP Instance UID to the destinations that get it
+        instead of ``destinations`` (e.g. Secondary Capture images only where asked for).
+        """
         now = time.time()
         with self._tx() as db:
             for res in results:
@@ -497,7 +502,7 @@ class Store:
                            " detail) VALUES (?,?,?,?,?,?)", (res.sop_instance_uid, job.id, res.kind,
                                                             res.sop_class_uid, str(res.path),
                                                             json.dumps(res.detail)))
-                for dest in destinations:
+                for dest in (destinations_for or {}).get(res.sop_instance_uid, destinations):
                     db.execute("INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
                                "sop_class_uid, path, state, created) VALUES (?,?,?,?,?,?,?)",
                                (job.id, dest, res.sop_instance_uid, res.sop_class_uid, str(res.path),

@@ -1,9 +1,11 @@
 """C-STORE receive benchmark: our StorageSCP against DCMTK storescp and Orthanc, side by side.
 
 One run sends the same cached 300-slice 512x512 CT (about 158 MB) with ``storescu`` (env
-``TCP_NODELAY=1``) to 127.0.0.1 into each receiver, ``--reps`` times each, a fresh receiver process
-per rep, and measures instances/s, MB/s, the receiver's CPU seconds (utime+stime from /proc) and
-its peak RSS (VmHWM). Results go to the ``ingest`` section of ``BENCHMARKS.md``.
+``TCP_NODELAY=1``) to 127.0.0.1 into each receiver, ``--reps`` times each (receivers interleaved),
+a fresh receiver process per rep that first gets an untimed 50-slice study (a long-running service
+is warm; ``--cold`` skips it), and measures instances/s, MB/s, the receiver's CPU seconds
+(utime+stime from /proc) and its peak RSS (VmHWM). Results go to the ``ingest`` section of
+``BENCHMARKS.md``.
 
     .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,portico-stock,...]
 
@@ -15,6 +17,8 @@ Receivers (each one fsyncs every instance before answering, except storescp and 
 * ``portico-stock``: the same with pynetdicom's own polling reactor (``event_driven=False``);
 * ``portico-store``: the same SCP with the appliance's real sink, ``appliance.store.Store`` (file
   fsync, directory fsync, SQLite WAL commit with ``synchronous=FULL``);
+* ``portico-malloc``: ``portico`` with glibc's mmap/trim thresholds raised (``GLIBC_TUNABLES``), so
+  PDU-sized buffers are reused instead of fresh zeroed pages;
 * ``portico-nosync`` / ``portico-stock-nosync``: both reactors with a sink that stops at the page
   cache, as storescp does: the protocol path alone;
 * ``storescp``: DCMTK ``storescp -od DIR`` with env ``TCP_NODELAY=1`` (no fsync: DCMTK has none);
@@ -48,27 +52,27 @@ from benchmarks.markdown import write_section  # noqa: E402
 from dicom_router.ports import ReceivedInstance, StoreOutcome  # noqa: E402
 
 SHAPE = (300, 512, 512)
-RECEIVERS = ("portico", "portico-stock", "portico-store", "portico-nosync", "portico-stock-nosync",
-             "storescp", "orthanc")
+RECEIVERS = ("portico", "portico-stock", "portico-store", "portico-malloc", "portico-nosync",
+             "portico-stock-nosync", "storescp", "orthanc")
 CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- data ---------------------------------------------------------------------------------------
 
-def ensure_study() -> list[Path]:
-    """The cached 300-slice CT; made once (about 20 s) and reused by later runs."""
-    folder = CACHE / "ct300x512"
-    done = CACHE / "ct300x512.complete"
+def ensure_study(name: str = "ct300x512", shape: tuple[int, int, int] = SHAPE, seed: int = 7) -> list[Path]:
+    """A cached synthetic CT series; made once (about 20 s for 300 slices) and reused by later runs."""
+    folder = CACHE / name
+    done = CACHE / f"{name}.complete"
     if done.is_file():
         return sorted(folder.glob("CT*.dcm"))
     from appliance.demo_study import write_ct_series
     from inference.phantom import make_phantom
 
     shutil.rmtree(folder, ignore_errors=True)
-    phantom = make_phantom(SHAPE, spacing=(1.0, 0.7, 0.7), seed=7)
-    written = write_ct_series(phantom.hu, phantom.spacing, folder, seed=7,
-                              series_description="Benchmark phantom 1mm")
+    phantom = make_phantom(shape, spacing=(1.0, 0.7, 0.7), seed=seed)
+    written = write_ct_series(phantom.hu, phantom.spacing, folder, seed=seed,
+                              series_description=f"Benchmark phantom {name}")
     done.write_text(f"{len(written.paths)}\n")
     return written.paths
 
@@ -186,18 +190,21 @@ def send(port: int, called: str, files: list[Path]) -> float:
 
 
 def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[subprocess.Popen[bytes], str]],
-            count: Callable[[Path, int], int]) -> Sample:
+            count: Callable[[Path, int], int], warmup: list[Path]) -> Sample:
     work = Path(tempfile.mkdtemp(prefix=f"ingest-{name}-", dir=CACHE))
     port = free_port()
     proc, called = start(work, port)
     try:
         wait_port(port, proc)
+        if warmup:
+            # a long-running receiver has its memory and caches warm: send another study first
+            send(port, called, warmup)
         subprocess.run(["sync"], check=True)
         cpu0 = proc_cpu(proc.pid)
         wall = send(port, called, files)
         cpu = proc_cpu(proc.pid) - cpu0
         rss = proc_hwm_mb(proc.pid)
-        received = count(work, port)
+        received = count(work, port) - len(warmup)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -209,14 +216,20 @@ def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[sub
     return Sample(name, len(files), received, wall, cpu, rss, sum(p.stat().st_size for p in files))
 
 
-def start_portico(sink_kind: str, stock: bool = False
+#: large buffers from the heap, kept: no fresh zeroed pages (page faults) for every PDU-sized buffer
+MALLOC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def start_portico(sink_kind: str, stock: bool = False, tuned: bool = False
                   ) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
     def start(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
         out = work / "in"
         out.mkdir()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), str(out),
                "--sink", sink_kind, *(["--stock"] if stock else [])]
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb")), "PORTICO"
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNED) if tuned else None
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=(work / "log").open("wb")), "PORTICO"
     return start
 
 
@@ -290,6 +303,7 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
         "portico": "Portico StorageSCP (event-driven reactor; sink: fsync per instance)",
         "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor (sink: fsync per instance)",
         "portico-store": "Portico StorageSCP + appliance Store (file+dir fsync, SQLite FULL)",
+        "portico-malloc": "Portico StorageSCP (event-driven; fsync) with `GLIBC_TUNABLES` mmap/trim thresholds",
         "portico-nosync": "Portico StorageSCP (event-driven), sink without fsync (page cache, like storescp)",
         "portico-stock-nosync": "Portico StorageSCP (pynetdicom's polling reactor), sink without fsync",
         "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",
@@ -335,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", choices=("fsync", "nosync", "store"), default="fsync", help=argparse.SUPPRESS)
     parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
+    parser.add_argument("--cold", action="store_true", help="no warm-up study before the timed one")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -342,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     files = ensure_study()
+    warmup = [] if args.cold else ensure_study("ct50x512", (50, 512, 512), seed=8)
     load_before = os.getloadavg()[0]
     fsync_ms = fsync_probe(CACHE)
     print(f"fsync of one 0.5 MB file: {fsync_ms:.2f} ms (median); load average {load_before:.2f}", flush=True)
@@ -349,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "portico": (start_portico("fsync"), count_files),
         "portico-stock": (start_portico("fsync", stock=True), count_files),
         "portico-store": (start_portico("store"), count_files),
+        "portico-malloc": (start_portico("fsync", tuned=True), count_files),
         "portico-nosync": (start_portico("nosync"), count_files),
         "portico-stock-nosync": (start_portico("nosync", stock=True), count_files),
         "storescp": (start_storescp, count_files),
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         for name in names:
             start, count = starters[name]
-            sample = measure(name, files, start, count)
+            sample = measure(name, files, start, count, warmup)
             samples[name].append(sample)
             print(f"rep {rep + 1} {name:9s} {sample.instances / sample.wall:7.1f} inst/s "
                   f"wall {sample.wall:.2f}s cpu {sample.cpu:.2f}s rss {sample.rss_mb:.0f}MB "
@@ -368,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                f"fsyncing receiver); 1-min load average {load_before:.2f} before, "
                f"{os.getloadavg()[0]:.2f} after (other work on the machine inflates the spread); "
                f"niceness {os.nice(0)}.")
+    context += (" Cold receivers: the timed study is the first they get." if args.cold else
+                f" Warm receivers: each first gets an untimed {len(warmup)}-slice study (other UIDs).")
     text = report(samples, args.reps, context)
     print(text)
     if not args.no_write:

@@ -54,6 +54,8 @@ class DimseDestination(BaseModel):
     port: Port
     calling_ae_title: AETitle | None = None
     max_pdu: Annotated[int, Field(ge=0)] = 262144
+    #: also send Secondary Capture key images, for a PACS or viewer that cannot display a SEG
+    secondary_capture: bool = False
 
 
 class StowDestination(BaseModel):
@@ -64,6 +66,8 @@ class StowDestination(BaseModel):
     kind: Literal["stow"] = "stow"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     url: str = Field(pattern=r"^https?://")
+    #: also send Secondary Capture key images, for a PACS or viewer that cannot display a SEG
+    secondary_capture: bool = False
 
 
 Destination = Annotated[DimseDestination | StowDestination, Field(discriminator="kind")]

@@ -121,6 +121,22 @@ def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -
         assert expected in events
 
 
+def test_results_can_go_to_their_own_destinations(store: Store, tmp_path: Path) -> None:
+    store.store(instance(1))
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    store.record_routes(run, [("r", "m", None, SERIES, "k1")])
+    job = store.claim_job()
+    assert job is not None
+    res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {}),
+           ResultFile("9.9.3", "sc", "1.2.840.10008.5.1.4.1.1.7", tmp_path / "sc.dcm", {})]
+    store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {},
+                       destinations_for={"9.9.3": ["pacs"]})
+    queued = sorted((i.sop_instance_uid, i.destination) for i in store.due(10))
+    assert queued == [("9.9.1", "archive"), ("9.9.1", "pacs"), ("9.9.3", "pacs")]
+    assert {r.kind for r in store.results(job.id)} == {"seg", "sc"}
+
+
 def _done_job(store: Store, tmp_path: Path) -> str:
     store.store(instance(1))
     run = store.hand_off(STUDY, "count")

@@ -1,0 +1,59 @@
+"""Bearer-token check and request ids, for every request before any route runs.
+
+Authentication is a middleware, not a per-route dependency, so a route added later is protected
+without anyone remembering to, and an unauthenticated caller learns nothing (not even which paths
+exist or how a body is validated). Only :data:`PUBLIC_PATHS` answer without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import Request
+from pydantic import SecretStr
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from appliance.api.errors import REQUEST_ID_HEADER, error_response, new_request_id
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def token_matches(header: str | None, token: SecretStr) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <token>`` (constant-time comparison)."""
+    expected = token.get_secret_value()
+    if not header or not expected:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    return hmac.compare_digest(given.strip().encode("utf-8"), expected.encode("utf-8"))
+
+
+class GuardMiddleware(BaseHTTPMiddleware):
+    """Give each request an id, refuse it without the token, and turn crashes into a bare 500."""
+
+    def __init__(self, app: ASGIApp, token: SecretStr) -> None:
+        super().__init__(app)
+        self._token = token
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        rid = new_request_id()
+        request.state.request_id = rid
+        if request.url.path not in PUBLIC_PATHS and not token_matches(request.headers.get("authorization"),
+                                                                      self._token):
+            log.warning("refused %s request without a valid token (request %s)", request.method, rid)
+            return error_response(401, "unauthorized", "a valid bearer token is required", rid,
+                                  {"WWW-Authenticate": "Bearer"})
+        try:
+            response = await call_next(request)
+        except Exception:  # the boundary: log it here, answer without internals
+            log.exception("unexpected error answering %s %s (request %s)", request.method,
+                          request.scope.get("route_path", request.url.path), rid)
+            return error_response(500, "internal", "internal error; see the appliance log", rid)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response

@@ -1,0 +1,63 @@
+"""``/fl``: this site's federated-learning status, and approval or rejection of waiting jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.api.context import ACTOR, ApiContext
+from appliance.api.errors import ApiError
+from appliance.fl import decide_job, layout_of
+from fl_client.approvals import DecisionKind
+from fl_client.supervisor import site_status
+
+#: NVFlare job ids are UUIDs; the id also names a file, so nothing that could leave its folder
+JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+
+
+class DecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=1000)] = ""
+
+
+class DecisionOut(BaseModel):
+    job_id: str
+    decision: str
+    name: str
+    submitter: str
+    actor: str
+    reason: str
+    at: float
+
+
+def build_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(prefix="/fl")
+
+    @router.get("/status")
+    def status() -> dict[str, Any]:
+        """The supervisor's view while ``portico serve`` runs one, else what the files say."""
+        supervisor = ctx.service.fl if ctx.service is not None else None
+        if supervisor is not None:
+            return supervisor.status()
+        return site_status(layout_of(ctx.settings))
+
+    def decide(job_id: str, decision: DecisionKind, body: DecisionIn | None) -> DecisionOut:
+        try:
+            made = decide_job(ctx.settings, ctx.store, job_id, decision, ACTOR, body.reason if body else "")
+        except KeyError:
+            raise ApiError(404, "not_found", f"FL job {job_id} has not asked to run at this site") from None
+        return DecisionOut(job_id=made.job_id, decision=made.decision, name=made.name, submitter=made.submitter,
+                           actor=made.actor, reason=made.reason, at=made.at)
+
+    @router.post("/jobs/{job_id}/approve")
+    def approve(job_id: JobId, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+        return decide(job_id, "approved", body)
+
+    @router.post("/jobs/{job_id}/reject")
+    def reject(job_id: JobId, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+        return decide(job_id, "rejected", body)
+
+    return router
