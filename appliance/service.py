@@ -48,6 +48,9 @@ class Service:
         self.api = ApiServer(settings, create_app(settings, self.store, self)) if settings.api.enabled else None
 
     def start(self) -> None:
+        recovered = self.store.reindex()
+        if recovered:
+            log.warning("re-indexed %d instance file(s) the index had lost", recovered)
         resumed = self.store.resume_interrupted()
         self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "start", "jobs_resumed": resumed}))
         if resumed:

@@ -7,20 +7,21 @@ is warm; ``--cold`` skips it), and measures instances/s, MB/s, the receiver's CP
 (utime+stime from /proc) and its peak RSS (VmHWM). Results go to the ``ingest`` section of
 ``BENCHMARKS.md``.
 
-    .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,portico-stock,...]
+    .venv/bin/python benchmarks/ingest.py [--reps 3] [--receivers portico,portico-stock,...] [--cold]
 
 Receivers (each one fsyncs every instance before answering, except storescp and ``*-nosync``):
 
-* ``portico``: :class:`dicom_router.scp.StorageSCP` (event-driven reactor) in a subprocess, with a
-  sink that writes each instance to a temp file, fsyncs it and renames it into place: one fsync
-  per instance, as Orthanc's ``SyncStorageArea``;
-* ``portico-stock``: the same with pynetdicom's own polling reactor (``event_driven=False``);
+* ``portico``: :class:`dicom_router.scp.StorageSCP` as configured by default (event-driven
+  reactor, allocator tuned) in a subprocess, with a sink that writes each instance to a temp
+  file, fsyncs it and renames it into place: one fsync per instance, as Orthanc's
+  ``SyncStorageArea``;
+* ``portico-untuned``: the same without :func:`dicom_router.scp.tune_allocator`;
+* ``portico-stock``: pynetdicom's own polling reactor and allocator defaults (``event_driven=False``,
+  ``tune_allocator=False``): what the same handler gets from plain pynetdicom;
 * ``portico-store``: the same SCP with the appliance's real sink, ``appliance.store.Store`` (file
   fsync, directory fsync, SQLite WAL commit with ``synchronous=FULL``);
-* ``portico-malloc``: ``portico`` with glibc's mmap/trim thresholds raised (``GLIBC_TUNABLES``), so
-  PDU-sized buffers are reused instead of fresh zeroed pages;
-* ``portico-nosync`` / ``portico-stock-nosync``: both reactors with a sink that stops at the page
-  cache, as storescp does: the protocol path alone;
+* ``portico-nosync`` / ``portico-stock-nosync``: ``portico`` and ``portico-stock`` with a sink that
+  stops at the page cache, as storescp does: the protocol path alone;
 * ``storescp``: DCMTK ``storescp -od DIR`` with env ``TCP_NODELAY=1`` (no fsync: DCMTK has none);
 * ``orthanc``: ``Orthanc cfg.json`` with ``SyncStorageArea: true`` (fsync), env ``TCP_NODELAY=1``.
 """
@@ -52,7 +53,7 @@ from benchmarks.markdown import write_section  # noqa: E402
 from dicom_router.ports import ReceivedInstance, StoreOutcome  # noqa: E402
 
 SHAPE = (300, 512, 512)
-RECEIVERS = ("portico", "portico-stock", "portico-store", "portico-malloc", "portico-nosync",
+RECEIVERS = ("portico", "portico-untuned", "portico-stock", "portico-store", "portico-nosync",
              "portico-stock-nosync", "storescp", "orthanc")
 CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -111,7 +112,7 @@ class FsyncSink:
         return "q"
 
 
-def serve(port: int, out: Path, sink_kind: str, stock: bool) -> int:
+def serve(port: int, out: Path, sink_kind: str, stock: bool, untuned: bool) -> int:
     """Run our StorageSCP until SIGTERM (the benchmark's receiver subprocess)."""
     from dicom_router.ports import InstanceSink
     from dicom_router.scp import StorageSCP
@@ -125,7 +126,8 @@ def serve(port: int, out: Path, sink_kind: str, stock: bool) -> int:
         sink = Store(out / "data", fsync=True)
     else:
         sink = FsyncSink(out, fsync=sink_kind == "fsync")
-    settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),))
+    settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),),
+                              tune_allocator=not (stock or untuned))
     scp = StorageSCP(settings, sink, event_driven=False if stock else None)
     scp.start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -216,20 +218,14 @@ def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[sub
     return Sample(name, len(files), received, wall, cpu, rss, sum(p.stat().st_size for p in files))
 
 
-#: large buffers from the heap, kept: no fresh zeroed pages (page faults) for every PDU-sized buffer
-MALLOC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
-
-
-def start_portico(sink_kind: str, stock: bool = False, tuned: bool = False
+def start_portico(sink_kind: str, stock: bool = False, untuned: bool = False
                   ) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
     def start(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
         out = work / "in"
         out.mkdir()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), str(out),
-               "--sink", sink_kind, *(["--stock"] if stock else [])]
-        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNED) if tuned else None
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=(work / "log").open("wb")), "PORTICO"
+               "--sink", sink_kind, *(["--stock"] if stock else []), *(["--untuned"] if untuned else [])]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb")), "PORTICO"
     return start
 
 
@@ -300,12 +296,12 @@ def fsync_probe(folder: Path, size: int = 525_926, count: int = 40) -> float:
 
 def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> str:
     labels = {
-        "portico": "Portico StorageSCP (event-driven reactor; sink: fsync per instance)",
-        "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor (sink: fsync per instance)",
-        "portico-store": "Portico StorageSCP + appliance Store (file+dir fsync, SQLite FULL)",
-        "portico-malloc": "Portico StorageSCP (event-driven; fsync) with `GLIBC_TUNABLES` mmap/trim thresholds",
-        "portico-nosync": "Portico StorageSCP (event-driven), sink without fsync (page cache, like storescp)",
-        "portico-stock-nosync": "Portico StorageSCP (pynetdicom's polling reactor), sink without fsync",
+        "portico": "Portico StorageSCP, as shipped (sink: fsync per instance)",
+        "portico-untuned": "Portico StorageSCP, event-driven, glibc allocator defaults (fsync per instance)",
+        "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor and allocator defaults (fsync)",
+        "portico-store": "Portico StorageSCP as shipped + appliance Store (file+dir fsync, SQLite FULL)",
+        "portico-nosync": "Portico StorageSCP as shipped, sink without fsync (page cache, like storescp)",
+        "portico-stock-nosync": "Portico StorageSCP, pynetdicom's reactor and allocator, sink without fsync",
         "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",
         "orthanc": "Orthanc (TCP_NODELAY=1, SyncStorageArea=true)",
     }
@@ -335,7 +331,7 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
             f"{'yes' if all(s.received == s.instances for s in runs) else 'NO'} |"
         )
     lines.append("")
-    for ours in ("portico", "portico-stock", "portico-store", "portico-nosync"):
+    for ours in ("portico", "portico-untuned", "portico-stock", "portico-store", "portico-nosync"):
         for other in ("orthanc", "storescp"):
             if ours in medians and other in medians:
                 lines.append(f"* {ours} / {other}: **{medians[ours] / medians[other]:.2f}×** (median inst/s)")
@@ -348,12 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--receivers", default=",".join(RECEIVERS))
     parser.add_argument("--sink", choices=("fsync", "nosync", "store"), default="fsync", help=argparse.SUPPRESS)
     parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
     parser.add_argument("--cold", action="store_true", help="no warm-up study before the timed one")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink, args.stock)
+        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink, args.stock, args.untuned)
 
     CACHE.mkdir(parents=True, exist_ok=True)
     files = ensure_study()
@@ -365,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "portico": (start_portico("fsync"), count_files),
         "portico-stock": (start_portico("fsync", stock=True), count_files),
         "portico-store": (start_portico("store"), count_files),
-        "portico-malloc": (start_portico("fsync", tuned=True), count_files),
+        "portico-untuned": (start_portico("fsync", untuned=True), count_files),
         "portico-nosync": (start_portico("nosync"), count_files),
         "portico-stock-nosync": (start_portico("nosync", stock=True), count_files),
         "storescp": (start_storescp, count_files),

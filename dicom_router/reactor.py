@@ -10,8 +10,9 @@ read in 4 KiB pieces. Here the same pynetdicom classes wait on what they wait fo
   DUL primitive (release, abort) is queued for it;
 * the DUL thread blocks in ``select`` on the socket and on a wake-up pipe written whenever the
   association queues a primitive to send;
-* PDUs are read with ``recv_into`` straight into one buffer; requestor sockets get TCP_NODELAY
-  before they connect.
+* each PDU is read with ``recv_into`` into one reused buffer and copied once (pynetdicom reads
+  4 KiB pieces into fresh buffers and copies each PDU three times); sockets get TCP_NODELAY
+  (requestors before they connect).
 
 The association reactor also closes a race in pynetdicom's pause handshake, where a requestor's
 reactor could take a C-STORE response off the queue meant for ``send_c_store`` ("Received
@@ -20,7 +21,8 @@ wrong moment.
 
 Every PDU still goes through pynetdicom's state machine, ACSE and DIMSE code. The overrides follow
 pynetdicom 3.0's private structure (``RequestHandler._create_association``,
-``Association._run_reactor``, ``DULServiceProvider._is_transport_event``, ``AE.associate``); with
+``Association._run_reactor``, ``DULServiceProvider._is_transport_event`` and ``_read_pdu_data``,
+``AE.associate``); with
 another version :func:`supported` is false and callers use pynetdicom's own classes.
 """
 
@@ -34,6 +36,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from datetime import datetime
@@ -51,6 +54,22 @@ LOGGER = logging.getLogger(__name__)
 #: how long a reactor waits for work before looking at its timers and flags again
 TICK_SECONDS = 0.01
 _RECV_CHUNK = 1 << 20
+_INITIAL_BUFFER = 1 << 16
+#: PDUs up to this size are read into the reused buffer; larger ones only as their data arrives
+_PREALLOCATE_LIMIT = 16 << 20
+_PDU_HEADER = struct.Struct(">BBL")
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+
+
+def _recv_exact(raw: socket.socket, count: int) -> bytes:
+    """``count`` bytes, or fewer when the peer closed the connection."""
+    data = raw.recv(count)
+    while data and len(data) < count:
+        more = raw.recv(count - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def supported() -> bool:
@@ -60,6 +79,8 @@ def supported() -> bool:
         and hasattr(RequestHandler, "_create_association")
         and hasattr(Association, "_run_reactor")
         and hasattr(DULServiceProvider, "_is_transport_event")
+        and hasattr(DULServiceProvider, "_read_pdu_data")
+        and hasattr(DULServiceProvider, "_decode_pdu")
     )
 
 
@@ -86,6 +107,7 @@ class _EventDrivenDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self.wake)
         # the stock loop sleeps this long after an idle pass; our idle pass already waited in select
         self._run_loop_delay = 0
+        self._buffer = bytearray(_INITIAL_BUFFER)
 
     def wake(self) -> None:
         # a full pipe means a wake-up is already pending; a closed one that the DUL has stopped
@@ -117,6 +139,69 @@ class _EventDrivenDUL(DULServiceProvider):
             self._read_pdu_data()
             return True
         return False
+
+    def _read_pdu_data(self) -> None:
+        # pynetdicom 3.0's DUL._read_pdu_data, reading each PDU with recv_into into one reused
+        # buffer and copying it once, where pynetdicom reads 4 KiB pieces and copies it three times
+        sock = self.socket
+        raw = sock.socket if sock is not None else None
+        if raw is None:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            header = _recv_exact(raw, 6)
+            if len(header) < 6:
+                self.event_queue.put("Evt17")
+                return
+            pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+            if pdu_type not in _PDU_TYPES:
+                LOGGER.error("Unknown PDU type received '0x%02X'", pdu_type)
+                self.event_queue.put("Evt19")
+                return
+            data = self._receive_pdu_bytes(raw, header, pdu_length)
+        except OSError as exc:  # TimeoutError included
+            LOGGER.error("Connection closed before the entire PDU was received (%s)", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(data) != 6 + pdu_length:
+            LOGGER.error("The received PDU is shorter than expected (%d of %d bytes received)", len(data),
+                         6 + pdu_length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            # bytes in: _decode_pdu's own bytes() copy is then a no-op
+            pdu, event = self._decode_pdu(cast(bytearray, data))
+            self.event_queue.put(event)
+        except Exception:
+            LOGGER.exception("Unable to decode the received PDU data")
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _receive_pdu_bytes(self, raw: socket.socket, header: bytes, length: int) -> bytes:
+        total = 6 + length
+        if total > _PREALLOCATE_LIMIT:
+            # grow as the data arrives, as pynetdicom does: a bogus length allocates nothing
+            chunks = [header]
+            got = 6
+            while got < total:
+                chunk = raw.recv(min(total - got, _RECV_CHUNK))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            return b"".join(chunks)
+        if len(self._buffer) < total:
+            self._buffer = bytearray(total)
+        with memoryview(self._buffer) as view:
+            view[:6] = header
+            got = 6
+            while got < total:
+                n = raw.recv_into(view[got:total])
+                if n == 0:
+                    break
+                got += n
+            return bytes(view[:got])
 
     def run_reactor(self) -> None:
         try:
@@ -204,25 +289,7 @@ class EventDrivenAssociation(Association):
 
 
 def _tune_socket(sock: AssociationSocket) -> None:
-    """One-buffer reads; TCP_NODELAY (pynetdicom never sets it, and Nagle costs ~5x on loopback)."""
-
-    def recv(nr_bytes: int) -> bytearray:
-        raw = sock.socket
-        if raw is None:
-            return bytearray()
-        buffer = bytearray(nr_bytes)
-        with memoryview(buffer) as view:
-            got = 0
-            while got < nr_bytes:
-                n = raw.recv_into(view[got:], min(nr_bytes - got, _RECV_CHUNK))
-                if n == 0:
-                    break
-                got += n
-        if got < nr_bytes:
-            del buffer[got:]
-        return buffer
-
-    sock.recv = recv  # type: ignore[method-assign]
+    """TCP_NODELAY: pynetdicom never sets it, and Nagle costs ~5x on loopback."""
     if sock.socket is not None:
         try:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

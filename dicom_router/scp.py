@@ -9,6 +9,7 @@ durable one.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from io import BytesIO
@@ -91,6 +92,24 @@ def short_uid(uid: str) -> str:
 def normalise_address(address: str) -> str:
     """An IPv4 peer seen through an IPv6 socket (``::ffff:a.b.c.d``) as plain ``a.b.c.d``."""
     return address[7:] if address.startswith("::ffff:") else address
+
+
+def tune_allocator() -> bool:
+    """Raise glibc's mmap threshold to 4 MiB and its trim threshold to 16 MiB, process-wide.
+
+    Every received PDU and instance passes through buffers of a few hundred KiB. With glibc's
+    defaults many of them are fresh ``mmap`` pages, unmapped again on free, so each one is
+    zero-filled and page-faulted anew: 0.2-0.5 s of system time per 300-slice study on the test VM,
+    about a quarter of the receiver's CPU. With the raised thresholds such buffers are reused from
+    the heap; the price is up to 16 MiB of freed memory kept per malloc arena. Returns false where
+    there is no glibc ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 4 << 20)) and bool(mallopt(m_trim_threshold, 16 << 20))
 
 
 def quiet_pynetdicom() -> None:
@@ -185,6 +204,8 @@ class StorageSCP:
         if self._server is not None:
             return
         quiet_pynetdicom()
+        if self._settings.tune_allocator and not tune_allocator():
+            LOGGER.debug("allocator not tuned (no glibc mallopt)")
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),

@@ -40,6 +40,9 @@ class RouterSettings(BaseModel):
     #: how often the assembler looks at open studies
     poll_seconds: Annotated[float, Field(gt=0)] = 0.5
     rules_file: str = "rules.yaml"
+    #: raise glibc's malloc thresholds when the listener starts (see dicom_router.scp.tune_allocator):
+    #: PDU-sized buffers are reused instead of page-faulted anew; process-wide
+    tune_allocator: bool = True
 
 
 class DimseDestination(BaseModel):

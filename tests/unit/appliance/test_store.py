@@ -172,3 +172,29 @@ def test_hand_off_forgets_the_pacs_count_and_unchanged_series_are_not_redone(sto
     # same rule, same series content as the first run: no new job; changed content: a job
     assert store.record_routes(run2, [("r", "m", None, SERIES, "k1")]) == []
     assert len(store.record_routes(run2, [("r", "m", None, SERIES, "k2")])) == 1
+
+
+def test_reindex_restores_files_the_index_lost(tmp_path: Path) -> None:
+    """A power loss can drop the last index rows (synchronous=NORMAL); the fsync'd files are the truth."""
+    from appliance.demo_study import write_ct_series
+    from inference.phantom import make_phantom
+
+    store = Store(tmp_path / "var")
+    phantom = make_phantom((2, 32, 32), (2.5, 8.0, 8.0), seed=1)
+    written = write_ct_series(phantom.hu, phantom.spacing, tmp_path / "src")
+    for p in written.paths:
+        from pydicom import dcmread
+
+        ds = dcmread(p, stop_before_pixels=True)
+        store.store(ReceivedInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), written.study_instance_uid,
+                                     written.series_instance_uid, "1.2.840.10008.1.2.1", "PACS", "127.0.0.1",
+                                     p.read_bytes()))
+    (store.instances_dir / "junk").mkdir()
+    (store.instances_dir / "junk" / "x").mkdir()
+    (store.instances_dir / "junk" / "x" / "bad.dcm").write_bytes(b"not dicom")
+    store._db.execute("DELETE FROM instances")  # the index lost its rows
+    assert store.instance_count() == 0
+    assert store.reindex() == 2
+    assert store.instance_count(written.study_instance_uid) == 2
+    assert store.reindex() == 0
+    store.close()

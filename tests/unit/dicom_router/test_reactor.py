@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 
@@ -11,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom._globals import MODE_REQUESTOR
 
 from dicom_router import reactor
+from dicom_router.scp import tune_allocator
 from tests.support.polling import wait_for
 
 
@@ -78,3 +82,30 @@ def test_sender_clearing_in_the_window_is_not_missed(assoc: reactor.EventDrivenA
     assert assoc._is_paused
     checkpoint.set()  # the sender is done
     assert done.wait(5)
+
+
+def test_pdu_read_in_pieces_and_bogus_lengths(assoc: reactor.EventDrivenAssociation) -> None:
+    dul = assoc.dul
+    assert isinstance(dul, reactor._EventDrivenDUL)
+    left, right = socket.socketpair()
+    with left, right:
+        body = bytes(range(256)) * 1000
+        header = struct.pack(">BBL", 4, 0, len(body))
+        def send_in_pieces() -> None:
+            for i in range(0, len(body), 7777):
+                right.sendall(body[i:i + 7777])
+
+        sender = threading.Thread(target=send_in_pieces)
+        sender.start()
+        assert dul._receive_pdu_bytes(left, header, len(body)) == header + body
+        sender.join()
+        # a peer announcing 4 GiB and sending 10 bytes: nothing that size is allocated up front
+        huge = struct.pack(">BBL", 4, 0, 0xFFFFFFF0)
+        right.sendall(b"x" * 10)
+        right.shutdown(socket.SHUT_WR)
+        assert dul._receive_pdu_bytes(left, huge, 0xFFFFFFF0) == huge + b"x" * 10
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_tune_allocator_on_glibc() -> None:
+    assert tune_allocator() is True
