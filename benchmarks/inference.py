@@ -151,7 +151,8 @@ def seg_peers(volume: Any, labels: Any, manifest: Any) -> dict[str, float]:
     from inference.settings import DeviceIdentity
 
     descriptions = segment_descriptions(manifest, "1.2.826.0.1.3680043.8.498.", "peer")
-    plain: dict[str, Any] = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY, "segment_descriptions": descriptions,
+    plain: dict[str, Any] = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY,
+                             "segment_descriptions": descriptions,
              "series_number": 1, "instance_number": 1, "manufacturer": "peer",
              "manufacturer_model_name": "peer", "software_versions": "1", "device_serial_number": "1"}
     out: dict[str, float] = {}
