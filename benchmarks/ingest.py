@@ -208,14 +208,19 @@ def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[sub
         rss = proc_hwm_mb(proc.pid)
         received = count(work, port) - len(warmup)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_receiver(proc, work)
     return Sample(name, len(files), received, wall, cpu, rss, sum(p.stat().st_size for p in files))
+
+
+def stop_receiver(proc: subprocess.Popen[bytes], work: Path) -> None:
+    """SIGTERM the receiver (SIGKILL after 20 s) and remove its folder."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def start_portico(sink_kind: str, stock: bool = False, untuned: bool = False
