@@ -125,6 +125,9 @@ def baseline_job(dest: Path, rounds: int, steps: int, data_dir: Path, sites: lis
     (job / "app" / "config").mkdir(parents=True)
     (job / "app" / "custom").mkdir()
     (job / "app" / "custom" / "baseline_client.py").write_text(BASELINE_CLIENT)
+    # the same global-model network as the Portico job (its persistor names this module)
+    shutil.copy(REPO / "fl_jobs" / "ct-body-composition-fedavg" / "app_server" / "custom" / "portico_model.py",
+                job / "app" / "custom" / "portico_model.py")
     portico = json.loads((REPO / "fl_jobs" / "ct-body-composition-fedavg" / "app_server" / "config" /
                           "config_fed_server.json").read_text())
     persistor = next(c for c in portico["components"] if c["id"] == "persistor")

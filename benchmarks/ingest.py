@@ -304,7 +304,7 @@ def report(samples: dict[str, list[Sample]], reps: int, context: str = "") -> st
         "portico": "Portico StorageSCP, as shipped (sink: fsync per instance)",
         "portico-untuned": "Portico StorageSCP, event-driven, glibc allocator defaults (fsync per instance)",
         "portico-stock": "Portico StorageSCP, pynetdicom's polling reactor and allocator defaults (fsync)",
-        "portico-store": "Portico StorageSCP as shipped + appliance Store (file+dir fsync, SQLite FULL)",
+        "portico-store": "Portico StorageSCP as shipped + appliance Store (file + dir fsync, SQLite WAL index)",
         "portico-nosync": "Portico StorageSCP as shipped, sink without fsync (page cache, like storescp)",
         "portico-stock-nosync": "Portico StorageSCP, pynetdicom's reactor and allocator, sink without fsync",
         "storescp": "DCMTK storescp -od (TCP_NODELAY=1, no fsync)",

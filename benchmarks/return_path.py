@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.ingest import (  # noqa: E402
     CACHE,
-    count_files,
     count_orthanc,
     ensure_study,
     free_port,
@@ -44,8 +43,15 @@ from dicom_router.settings import DimseDestination  # noqa: E402
 
 Starter = Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]
 Counter = Callable[[Path, int], int]
+
+
+def count_received(work: Path, port: int) -> int:
+    """Files storescp wrote (it names them by modality: CT., SEG., SRd. …)."""
+    return sum(1 for p in (work / "in").rglob("*") if p.is_file())
+
+
 RECEIVERS: dict[str, tuple[Starter, Counter]] = {
-    "storescp": (start_storescp, count_files),
+    "storescp": (start_storescp, count_received),
     "orthanc": (start_orthanc, count_orthanc),
 }
 

@@ -15,12 +15,40 @@ from monai.networks.nets.basic_unet import BasicUNet
 from fl_client.errors import PolicyError
 from inference.packages import MANIFEST_NAME, Manifest, read_manifest
 
+#: the demo model's intensity window (HU) and the HU-rule thresholds it sees as extra input channels
+BODY_COMPOSITION_WINDOW = (-600.0, 1000.0)
+BODY_COMPOSITION_THRESHOLDS_HU = (-499.5, -190.5, -29.5, 150.5, 199.5)
+BODY_COMPOSITION_FEATURES = (16, 16, 32, 64, 128, 16)
+
+
+class ThresholdFeatures(torch.nn.Module):
+    """Fixed input features: the windowed CT plus one indicator per HU threshold of the rule.
+
+    Half-integer thresholds separate integer HU exactly, whatever the float rounding of the window.
+    """
+
+    def __init__(self, window: tuple[float, float] = BODY_COMPOSITION_WINDOW,
+                 thresholds_hu: tuple[float, ...] = BODY_COMPOSITION_THRESHOLDS_HU) -> None:
+        super().__init__()
+        low, high = window
+        levels = [(t - low) / (high - low) for t in thresholds_hu]
+        self.levels: torch.Tensor
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, (x > self.levels).to(x.dtype)], dim=1)
+
 
 def body_composition_unet() -> torch.nn.Module:
-    """The 2D BasicUNet of ``ct-body-composition`` (models/build_ct_body_composition.py)."""
-    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(16, 16, 32, 64, 128, 16),
+    """The network of ``ct-body-composition`` (built by models/build_ct_body_composition.py).
+
+    A 2D BasicUNet, run slice by slice, fed the windowed CT plus fixed HU-threshold indicators.
+    """
+    unet = BasicUNet(spatial_dims=2, in_channels=1 + len(BODY_COMPOSITION_THRESHOLDS_HU), out_channels=4,
+                     features=BODY_COMPOSITION_FEATURES,
                      act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
                      norm=("batch", {"affine": True}), upsample="deconv")
+    return torch.nn.Sequential(ThresholdFeatures(), unet)
 
 
 #: package name → network constructor

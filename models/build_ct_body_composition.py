@@ -28,12 +28,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import yaml
 from monai.losses.dice import DiceCELoss
-from monai.networks.nets.basic_unet import BasicUNet
 from numpy.typing import NDArray
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fl_client.architectures import (  # noqa: E402  (one definition, shared with federated training)
+    BODY_COMPOSITION_FEATURES,
+    BODY_COMPOSITION_THRESHOLDS_HU,
+    BODY_COMPOSITION_WINDOW,
+    Slab,
+)
+from fl_client.architectures import body_composition_unet as make_network  # noqa: E402
 from inference.packages import MANIFEST_NAME, Manifest, load_package, write_digests  # noqa: E402
 from inference.phantom import ADIPOSE, BONE, MUSCLE, hu_reference_labels, make_phantom  # noqa: E402
 from inference.predict import segment  # noqa: E402
@@ -42,11 +48,11 @@ from inference.runtime.onnxruntime import OnnxRuntime  # noqa: E402
 log = logging.getLogger("build_ct_body_composition")
 
 NAME, VERSION = "ct-body-composition", "1.0.0"
-WINDOW = (-600.0, 1000.0)
+WINDOW = BODY_COMPOSITION_WINDOW
 PATCH = (1, 512, 512)
-FEATURES = (16, 16, 32, 64, 128, 16)
+FEATURES = BODY_COMPOSITION_FEATURES
 #: the rule's HU thresholds (body, adipose low, adipose/muscle, muscle high, bone), as input features
-THRESHOLDS_HU = (-499.5, -190.5, -29.5, 150.5, 199.5)
+THRESHOLDS_HU = BODY_COMPOSITION_THRESHOLDS_HU
 CLASSES = {ADIPOSE: "adipose", MUSCLE: "muscle", BONE: "bone"}
 #: tissue HU ranges a predicted segment's mean must fall in (bone includes marrow)
 HU_RANGES = {ADIPOSE: (-190.0, -30.0), MUSCLE: (-29.0, 150.0), BONE: (200.0, 1500.0)}
@@ -64,43 +70,6 @@ class Config:
     steps: int = 500
     lr: float = 3e-3
     eval_phantoms: int = 3
-
-
-class ThresholdFeatures(torch.nn.Module):
-    """Fixed input features: the windowed CT plus one indicator per HU threshold of the rule.
-
-    Half-integer thresholds separate integer HU exactly, whatever the float rounding of the window.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        low, high = WINDOW
-        levels = [(t - low) / (high - low) for t in THRESHOLDS_HU]
-        self.levels: torch.Tensor
-        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, (x > self.levels).to(x.dtype)], dim=1)
-
-
-def make_network() -> torch.nn.Module:
-    unet = BasicUNet(spatial_dims=2, in_channels=1 + len(THRESHOLDS_HU), out_channels=4, features=FEATURES,
-                     act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
-                     norm=("batch", {"affine": True}), upsample="deconv")
-    return torch.nn.Sequential(ThresholdFeatures(), unet)
-
-
-class Slab(torch.nn.Module):
-    """The ONNX contract (N, 1, z, y, x) → (N, C, z, y, x) around a per-slice 2D network."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, d, h, w = x.shape
-        y: torch.Tensor = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * d, c, h, w))
-        return y.reshape(n, d, y.shape[1], h, w).permute(0, 2, 1, 3, 4)
 
 
 def window(hu: NDArray[np.float32]) -> NDArray[np.float32]:
