@@ -39,7 +39,10 @@ model: venv
 
 bench: setup
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/return_path.py
+	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/end_to_end.py
+	$(PY) benchmarks/fl_round.py
 
 clean:
 	rm -rf .demo var
