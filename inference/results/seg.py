@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -40,6 +41,20 @@ def coded(code: Code) -> hd.sr.CodedConcept:
 def lo(text: str) -> str:
     """``text`` made a valid LO value: no backslash or control characters, at most 64 characters."""
     return re.sub(r"[\\\x00-\x1f]", " ", text).strip()[:64]
+
+
+class DeviceAttributes(TypedDict):
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+def device_attributes(device: DeviceIdentity) -> DeviceAttributes:
+    """The appliance's identity as highdicom keyword arguments; every object we create carries it."""
+    return DeviceAttributes(manufacturer=lo(device.manufacturer), manufacturer_model_name=lo(device.model_name),
+                            software_versions=lo(device.software_version),
+                            device_serial_number=lo(device.serial_number))
 
 
 def algorithm_identification(manifest: Manifest) -> hd.AlgorithmIdentificationSequence:
@@ -161,10 +176,7 @@ def build_seg(
         series_number=series_number,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=lo(device.manufacturer),
-        manufacturer_model_name=lo(device.model_name),
-        software_versions=lo(device.software_version),
-        device_serial_number=lo(device.serial_number),
+        **device_attributes(device),
         institution_name=device.institution_name,
         content_description=lo(f"AI segmentation by {manifest.title} {manifest.version}"),
         content_label=content_label(manifest),

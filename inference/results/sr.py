@@ -24,7 +24,7 @@ from pydicom.sr.coding import Code as SrCode
 
 from inference.measurements import SegmentMeasurement
 from inference.packages import Manifest, Measurement
-from inference.results.seg import coded, content_qualification, lo, pin_times, tracking_uid
+from inference.results.seg import coded, content_qualification, device_attributes, lo, pin_times, tracking_uid
 from inference.results.uids import derive_uid, derived_uids
 from inference.settings import DeviceIdentity
 from inference.volume import Volume
@@ -161,10 +161,7 @@ def build_sr(
         series_number=series_number,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=lo(device.manufacturer),
-        manufacturer_model_name=lo(device.model_name),
-        software_versions=lo(device.software_version),
-        device_serial_number=lo(device.serial_number),
+        **device_attributes(device),
         institution_name=device.institution_name,
         series_description=lo(f"AI measurements {manifest.title} {manifest.version}"),
         content_qualification=content_qualification(manifest),

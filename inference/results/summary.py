@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from inference.measurements import SegmentMeasurement, as_label_map
 from inference.packages import Manifest
-from inference.results.seg import lo, pin_times
+from inference.results.seg import device_attributes, lo, pin_times
 from inference.results.uids import derived_uids
 from inference.settings import DeviceIdentity
 from inference.volume import Volume
@@ -258,12 +258,9 @@ def build_summary(
             series_number=series_number,
             sop_instance_uid=uids.sop_instance_uid,
             instance_number=number,
-            manufacturer=lo(device.manufacturer),
             patient_orientation=orientation,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            manufacturer_model_name=lo(device.model_name),
-            software_versions=lo(device.software_version),
-            device_serial_number=lo(device.serial_number),
+            **device_attributes(device),
             institution_name=device.institution_name,
             series_description=lo(f"AI summary {manifest.title} {manifest.version}"),
             content_date=when.date(),
