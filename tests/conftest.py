@@ -10,11 +10,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def real_data_root() -> Path:
+    """Where the real, licensed DICOM lives: ``$PORTICO_REAL_DATA`` or ``../shared/data``."""
+    return Path(os.environ.get("PORTICO_REAL_DATA", REPO.parent / "shared" / "data"))
+
+
+def real_data_present() -> bool:
+    return (real_data_root() / "MANIFEST.md").is_file()
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """``../shared/data`` (or ``$PORTICO_REAL_DATA``): real, licensed DICOM; skip when absent."""
-    root = Path(os.environ.get("PORTICO_REAL_DATA", REPO.parent / "shared" / "data"))
-    if not (root / "MANIFEST.md").is_file():
+    root = real_data_root()
+    if not real_data_present():
         pytest.skip(f"real DICOM data not found at {root} (set PORTICO_REAL_DATA)")
     return root
 

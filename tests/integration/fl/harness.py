@@ -32,6 +32,7 @@ from inference.phantom import hu_reference_labels, make_phantom
 from inference.results.seg import build_seg
 from inference.settings import DeviceIdentity
 from inference.volume import load_series
+from tests.conftest import real_data_root
 from tests.support.net import port_open
 from tests.support.polling import wait_for
 
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[3]
 PY = sys.executable
 JOB_TEMPLATE = REPO / "fl_jobs" / "ct-body-composition-fedavg"
 PATIENT_PREFIX = "FLTEST^PATIENT"
-REAL_CT = REPO.parent / "shared" / "data" / "totalsegmentator" / "example_ct_dicom"
+REAL_CT = real_data_root() / "totalsegmentator" / "example_ct_dicom"
 RECORDER = Path(__file__).with_name("server_recorder.py")
 
 
