@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 `benchmarks/fl_round.py --rounds {args.rounds} --steps {args.steps}` on {platform.machine()},
 {platform.python_version()}, CPU only, {dt.date.today().isoformat()}. One NVFlare 2.9 server and two
 sites on localhost, the same data (site-a: 4 phantom studies; site-b: 3 phantoms + the real CT),
-the same network (ct-body-composition: HU-threshold channels + BasicUNet 2D) and {args.steps} steps of batch 8 at 64x64 per
-site and round. Portico: supervised client, site policy (approval gate, allow-list, privacy
+the same network (ct-body-composition: HU-threshold channels + BasicUNet 2D) and {args.steps} steps
+of batch 8 at 64x64 per site and round. Portico: supervised client, site policy (approval gate, allow-list, privacy
 filters, outgoing ledger), cohort read from the store's DICOM + SEG, `PorticoFedAvg` (k-of-n).
 Plain: the same kits with NVFlare's default policy, stock `FedAvg`, a Client API script on the
 same slices. Per round: mean gap between round starts in the server's job log.
