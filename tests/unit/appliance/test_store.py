@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import JobState, OutboxState, ResultFile, Store
+from appliance.store import Job, JobState, OutboxState, ResultFile, Store
 from dicom_router.ports import ReceivedInstance, SinkFullError, StoreOutcome
 
 STUDY = "1.2.3.4"
@@ -96,13 +96,19 @@ def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path)
     store.close()
 
 
-def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -> None:
+def claimed_job(store: Store) -> Job:
+    """One instance, handed off, routed to one rule, and its job claimed (RUNNING)."""
     store.store(instance(1))
     run = store.hand_off(STUDY, "count")
     assert run is not None
     store.record_routes(run, [("r", "m", None, SERIES, "k1")])
     job = store.claim_job()
     assert job is not None
+    return job
+
+
+def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -> None:
+    job = claimed_job(store)
     res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
     store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
     store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
@@ -122,12 +128,7 @@ def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -
 
 
 def test_results_can_go_to_their_own_destinations(store: Store, tmp_path: Path) -> None:
-    store.store(instance(1))
-    run = store.hand_off(STUDY, "count")
-    assert run is not None
-    store.record_routes(run, [("r", "m", None, SERIES, "k1")])
-    job = store.claim_job()
-    assert job is not None
+    job = claimed_job(store)
     res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {}),
            ResultFile("9.9.3", "sc", "1.2.840.10008.5.1.4.1.1.7", tmp_path / "sc.dcm", {})]
     store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {},
@@ -138,12 +139,7 @@ def test_results_can_go_to_their_own_destinations(store: Store, tmp_path: Path) 
 
 
 def _done_job(store: Store, tmp_path: Path) -> str:
-    store.store(instance(1))
-    run = store.hand_off(STUDY, "count")
-    assert run is not None
-    store.record_routes(run, [("r", "m", None, SERIES, "k1")])
-    job = store.claim_job()
-    assert job is not None
+    job = claimed_job(store)
     store.complete_job(job, [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "s.dcm", {})],
                        ["pacs"], "CPUExecutionProvider", "abc", {})
     return "9.9.1"
