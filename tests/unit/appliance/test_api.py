@@ -16,7 +16,7 @@ from appliance.settings import Settings
 from appliance.store import Store
 from dicom_router.ports import ReceivedInstance
 from fl_client.approvals import Approvals
-from tests.unit.appliance.test_models_cli import make_package
+from tests.support.packages import make_package
 
 TOKEN = "t0ken-for-tests-only"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,10 +8,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import pytest
 import yaml
-from onnx import TensorProto, helper
 
 from appliance.audit import AuditEvent
 from appliance.cli.models import main
@@ -19,41 +17,8 @@ from appliance.model_state import ModelStates, Role
 from appliance.models import ModelRegistry
 from appliance.store import Store
 from inference.errors import PackageError
-from inference.packages import (
-    Code,
-    InputSpec,
-    IntensityWindow,
-    Manifest,
-    OutputSpec,
-    Segment,
-    Task,
-    write_digests,
-    write_manifest,
-)
 from inference.signing import generate_keypair
-
-TISSUE = Code(value="85756007", scheme="SCT", meaning="Tissue")
-FAT = Code(value="55603005", scheme="SCT", meaning="Fat")
-
-
-def make_package(root: Path, version: str = "1.0.0", name: str = "tiny", card: str = "# Tiny\n",
-                 provenance: dict[str, str] | None = None) -> Path:
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, "z", "y", "x"])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2, "z", "y", "x"])
-    graph = helper.make_graph([helper.make_node("Neg", ["image"], ["neg"]),
-                               helper.make_node("Concat", ["neg", "image"], ["logits"], axis=1)],
-                              "tiny", [x], [y])
-    root.mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "model.onnx"))
-    (root / "MODEL_CARD.md").write_text(card)
-    (root / "LICENSE").write_text("Apache-2.0\n")
-    write_manifest(root, Manifest(
-        name=name, version=version, task=Task.SEGMENTATION, title="Tiny",
-        input=InputSpec(modality="CT", intensity=IntensityWindow(low=-100, high=100), patch_size=(4, 8, 8)),
-        output=OutputSpec(segments=(Segment(label=1, name="Fat", category=TISSUE, type=FAT),)),
-        files=write_digests(root, ["model.onnx", "MODEL_CARD.md", "LICENSE"]), provenance=provenance or {},
-    ))
-    return root
+from tests.support.packages import FAT, TISSUE, make_package
 
 
 class Appliance:

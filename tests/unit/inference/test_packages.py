@@ -9,22 +9,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import pytest
 import yaml
-from onnx import TensorProto, helper
 from pydantic import ValidationError
 
 from inference.errors import PackageError
 from inference.packages import (
     MANIFEST_NAME,
-    Code,
-    InputSpec,
-    IntensityWindow,
     Manifest,
-    OutputSpec,
-    Segment,
-    Task,
     extract_zip,
     load_package,
     read_manifest,
@@ -32,23 +24,11 @@ from inference.packages import (
     unsafe_name,
     version_key,
     write_digests,
-    write_manifest,
 )
 from inference.signing import SIGNATURE_NAME, fingerprint, generate_keypair, public_key
+from tests.support.packages import FAT, TISSUE, make_package
 
-TISSUE = Code(value="85756007", scheme="SCT", meaning="Tissue")
-FAT = Code(value="55603005", scheme="SCT", meaning="Fat")
 DIGEST = "0" * 64
-
-
-def tiny_onnx() -> onnx.ModelProto:
-    """(N, 1, z, y, x) → (N, 2, z, y, x): background −x, foreground x."""
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, "z", "y", "x"])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2, "z", "y", "x"])
-    nodes = [helper.make_node("Neg", ["image"], ["neg"]),
-             helper.make_node("Concat", ["neg", "image"], ["logits"], axis=1)]
-    graph = helper.make_graph(nodes, "tiny", [x], [y])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def manifest_data(**changes: Any) -> dict[str, Any]:
@@ -61,21 +41,6 @@ def manifest_data(**changes: Any) -> dict[str, Any]:
     }
     data.update(changes)
     return data
-
-
-def make_package(root: Path, name: str = "tiny", version: str = "1.0.0", card: str = "# Tiny\n") -> Path:
-    root.mkdir(parents=True)
-    onnx.save(tiny_onnx(), str(root / "model.onnx"))
-    (root / "MODEL_CARD.md").write_text(card)
-    (root / "LICENSE").write_text("Apache-2.0\n")
-    manifest = Manifest(
-        name=name, version=version, task=Task.SEGMENTATION, title="Tiny",
-        input=InputSpec(modality="CT", intensity=IntensityWindow(low=-100, high=100), patch_size=(4, 8, 8)),
-        output=OutputSpec(segments=(Segment(label=1, name="Fat", category=TISSUE, type=FAT),)),
-        files=write_digests(root, ["model.onnx", "MODEL_CARD.md", "LICENSE"]),
-    )
-    write_manifest(root, manifest)
-    return root
 
 
 @pytest.fixture
