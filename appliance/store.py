@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -449,6 +450,18 @@ class Store:
         """Every stored instance: study, series, SOP class and path (for cohort selection)."""
         return [dict(r) for r in self._query("SELECT study_uid, series_uid, sop_class_uid, path FROM instances "
                                              "ORDER BY study_uid, series_uid, path")]
+
+    def summary(self, recent: int = 10) -> dict[str, Any]:
+        """At a glance, for ``portico status`` and ``GET /status``: counts by state and the last jobs."""
+        jobs = self.jobs()
+        return {
+            "instances": self.instance_count(),
+            "quarantined": len(self.quarantined()),
+            "jobs": dict(Counter(str(j.state) for j in jobs)),
+            "outbox": dict(Counter(str(o["state"]) for o in self.outbox())),
+            "recent_jobs": [{"id": j.id, "model": j.model, "state": str(j.state), "provider": j.provider,
+                             "error": j.error} for j in jobs[-recent:]],
+        }
 
     def instance_count(self, study_uid: str | None = None) -> int:
         if study_uid is None:

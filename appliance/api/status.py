@@ -5,7 +5,6 @@ No patient identifiers leave here: job, study and series UIDs, states and errors
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -89,15 +88,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/status")
     def status() -> Status:
-        jobs = ctx.store.jobs()
-        return Status(
-            instances=ctx.store.instance_count(),
-            quarantined=len(ctx.store.quarantined()),
-            jobs=dict(Counter(str(j.state) for j in jobs)),
-            outbox=dict(Counter(str(o["state"]) for o in ctx.store.outbox())),
-            recent_jobs=[JobSummary(id=j.id, model=j.model, state=str(j.state), provider=j.provider,
-                                    error=j.error) for j in jobs[-RECENT_JOBS:]],
-        )
+        return Status.model_validate(ctx.store.summary(recent=RECENT_JOBS))
 
     @router.get("/jobs")
     def jobs(study_uid: StudyUid = None) -> list[JobOut]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from collections.abc import Sequence
 
 from appliance.cli.common import parser, settings_from
@@ -18,16 +17,7 @@ def main(argv: Sequence[str]) -> int:
     settings = settings_from(args)
     store = Store(settings.data_dir, fsync=False)
     try:
-        jobs = store.jobs()
-        outbox = store.outbox()
-        summary = {
-            "instances": store.instance_count(),
-            "quarantined": len(store.quarantined()),
-            "jobs": dict(Counter(str(j.state) for j in jobs)),
-            "outbox": dict(Counter(str(o["state"]) for o in outbox)),
-            "recent_jobs": [{"id": j.id, "model": j.model, "state": str(j.state), "provider": j.provider,
-                             "error": j.error} for j in jobs[-10:]],
-        }
+        summary = store.summary()
     finally:
         store.close()
     if args.as_json:
