@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -18,9 +17,8 @@ from appliance.store import Job, ResultFile, Store
 from inference.errors import InferenceError, PackageError, SeriesError
 from inference.packages import ModelPackage
 from inference.pipeline import PipelineResult, run_segmentation
-from inference.results.summary import build_summary, labels_from_seg
+from inference.results.summary import build_summary
 from inference.runtime.onnxruntime import SessionCache
-from inference.volume import load_series
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class JobRunner:
         # Secondary Capture key images only for the destinations that ask for them
         sc_destinations = [d.name for d in self.settings.dispatch.destinations if d.secondary_capture]
         if sc_destinations:
-            files += self._summary(job, folder, paths, result, package, run_key)
+            files += self._summary(job, folder, result, package, run_key)
         destinations = [d.name for d in self.settings.dispatch.destinations]
         self.store.complete_job(job, files, destinations, result.provider, package.package_hash, result.timings,
                                 destinations_for={f.sop_instance_uid: sc_destinations
@@ -88,17 +86,15 @@ class JobRunner:
         log.info("job %d done: %s on %s, %s", job.id, package.ref, result.provider,
                  ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
 
-    def _summary(self, job: Job, folder: Path, paths: Sequence[Path], result: PipelineResult,
-                 package: ModelPackage, run_key: str) -> list[ResultFile]:
-        """Key images drawn from the SEG just built, so they show exactly what the SEG says.
+    def _summary(self, job: Job, folder: Path, result: PipelineResult, package: ModelPackage,
+                 run_key: str) -> list[ResultFile]:
+        """Key images of the label map the SEG encodes, on the series already loaded.
 
         They are a convenience copy: when they cannot be made, the SEG and SR still go out.
         """
         t0 = time.perf_counter()
         try:
-            volume = load_series(paths)
-            labels = labels_from_seg(result.seg, volume, package.manifest)
-            images = build_summary(volume, labels, result.measurements, package.manifest,
+            images = build_summary(result.volume, result.labels, result.measurements, package.manifest,
                                    self.settings.inference.device, self.settings.inference.uid_root, run_key)
         except Exception:  # never let the convenience images hold back the SEG and SR
             log.exception("job %d: summary images failed; SEG and SR are sent without them", job.id)

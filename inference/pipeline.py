@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from inference.measurements import SegmentMeasurement, measure
@@ -16,7 +18,7 @@ from inference.results.seg import build_seg
 from inference.results.sr import build_sr
 from inference.runtime.onnxruntime import SessionCache
 from inference.settings import InferenceSettings
-from inference.volume import load_series
+from inference.volume import Volume, load_series
 
 
 @dataclass
@@ -25,6 +27,9 @@ class PipelineResult:
     sr: Dataset
     measurements: list[SegmentMeasurement]
     provider: str
+    #: the loaded series and the label map the SEG encodes, for derived views (key images)
+    volume: Volume
+    labels: NDArray[np.uint8]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -48,4 +53,5 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     seg = build_seg(volume, labels, package.manifest, settings.device, settings.uid_root, run_key)
     sr = build_sr(seg, volume, measurements, package.manifest, settings.device, settings.uid_root, run_key)
     timings["encode"] = time.perf_counter() - t2
-    return PipelineResult(seg=seg, sr=sr, measurements=measurements, provider=model.provider, timings=timings)
+    return PipelineResult(seg=seg, sr=sr, measurements=measurements, provider=model.provider, volume=volume,
+                          labels=labels, timings=timings)
