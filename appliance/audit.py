@@ -16,6 +16,10 @@ class AuditEvent(StrEnum):
     NO_MATCH = "no_match"
     JOB_STATE = "job_state"
     INFERRED = "inferred"
+    #: results held until a reviewer decides (``review`` settings)
+    HELD_FOR_REVIEW = "held_for_review"
+    #: a reviewer approved or rejected a job's results
+    REVIEWED = "reviewed"
     DISPATCHED = "dispatched"
     DISPATCH_FAILED = "dispatch_failed"
     MODEL_LOADED = "model_loaded"

@@ -13,7 +13,8 @@ import pydicom
 
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.models import ModelRegistry
-from appliance.settings import Settings
+from appliance.review import Reviews
+from appliance.settings import ReviewSettings, Settings
 from appliance.store import Store
 from fl_client.approvals import Approvals, Decision, DecisionKind
 from fl_client.dataset import CandidateSeries, build_index
@@ -39,13 +40,16 @@ def layout_of(settings: Settings) -> SiteLayout:
 
 
 class StoreStudySource:
-    """The store's image series, each with the SEG instances stored alongside that reference it.
+    """The store's image series, each with its imported SEGs and the approved SEGs Portico made on it.
 
-    SEGs produced by Portico and approved in review join here once review records approvals.
+    Imported SEGs are stored instances that reference the series; approved ones are Portico's SEG
+    results of jobs on the series that a reviewer approved (:mod:`appliance.review`). Portico's own results never come in as stored instances (a PACS echoing one back is not
+    indexed), so an unreviewed or rejected Portico SEG is never offered as a label.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, reviews: Reviews | None = None) -> None:
         self.store = store
+        self.reviews = reviews or Reviews(store, ReviewSettings())
 
     def series(self) -> Iterable[CandidateSeries]:
         rows = self.store.instance_index()
@@ -58,9 +62,11 @@ class StoreStudySource:
                     segs.setdefault(str(ref.SeriesInstanceUID), []).append(Path(r["path"]))
             else:
                 images.setdefault((r["study_uid"], r["series_uid"]), []).append(Path(r["path"]))
+        approved = {(s.study_uid, s.series_uid): [s.path] for s in self.reviews.approved_segs()}
         for (study_uid, series_uid), paths in images.items():
             header = pydicom.dcmread(paths[0], stop_before_pixels=True)
-            yield CandidateSeries(study_uid, series_uid, header, paths, segs.get(series_uid, []))
+            yield CandidateSeries(study_uid, series_uid, header, paths, segs.get(series_uid, []),
+                                  approved.get((study_uid, series_uid), []))
 
 
 def refresh_cohorts(settings: Settings, store: Store, names: Sequence[str] = ()) -> dict[str, int]:
@@ -71,7 +77,8 @@ def refresh_cohorts(settings: Settings, store: Store, names: Sequence[str] = ())
     for name, rule in settings.fl.cohorts.items():
         if names and name not in names:
             continue
-        index = build_index(name, rule, StoreStudySource(store), layout.cohorts / f"{name}.json")
+        index = build_index(name, rule, StoreStudySource(store, Reviews(store, settings.review)),
+                            layout.cohorts / f"{name}.json")
         counts[name] = len(index.series)
     return counts
 

@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 
 from appliance.handoff import short
 from appliance.models import ModelRegistry
+from appliance.review import Reviews
 from appliance.settings import Settings
 from appliance.store import Job, ResultFile, Store
 from inference.errors import InferenceError, PackageError, SeriesError
@@ -34,6 +35,7 @@ class JobRunner:
         self.store = store
         self.registry = registry
         self.sessions = sessions
+        self.reviews = Reviews(store, settings.review)
 
     def run_next(self) -> Job | None:
         """Run the next due job, if any; never raises for a job's own failure."""
@@ -80,11 +82,12 @@ class JobRunner:
         if sc_destinations:
             files += self._summary(job, folder, result, package, run_key)
         destinations = [d.name for d in self.settings.dispatch.destinations]
+        hold = self.reviews.hold_for(job)
         self.store.complete_job(job, files, destinations, result.provider, package.package_hash, result.timings,
                                 destinations_for={f.sop_instance_uid: sc_destinations
-                                                  for f in files if f.kind == "sc"})
-        log.info("job %d done: %s on %s, %s", job.id, package.ref, result.provider,
-                 ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+                                                  for f in files if f.kind == "sc"}, hold=hold)
+        log.info("job %d done%s: %s on %s, %s", job.id, ", held for review" if hold else "", package.ref,
+                 result.provider, ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
 
     def _summary(self, job: Job, folder: Path, result: PipelineResult, package: ModelPackage,
                  run_key: str) -> list[ResultFile]:

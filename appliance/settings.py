@@ -54,6 +54,21 @@ class JobSettings(BaseModel):
     retry_seconds: Annotated[float, Field(gt=0)] = 5.0
 
 
+class ReviewSettings(BaseModel):
+    """Which models' results wait for a reviewer before they go to the destinations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: hold every model's results until a reviewer approves them
+    required: bool = False
+    #: hold only these models' results (model names, as in the rules); used when ``required`` is false
+    models: tuple[str, ...] = ()
+
+    def holds(self, model: str) -> bool:
+        """Whether a job of ``model`` is held for review."""
+        return self.required or model in self.models
+
+
 class Settings(BaseSettings):
     """The appliance's whole configuration."""
 
@@ -65,6 +80,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     inference: InferenceSettings = InferenceSettings()
     jobs: JobSettings = JobSettings()
+    review: ReviewSettings = ReviewSettings()
     api: ApiSettings = ApiSettings()
     fl: FLSettings = FLSettings()
 

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -138,6 +138,10 @@ class OutboxState(StrEnum):
     PENDING = "PENDING"
     SENT = "SENT"
     FAILED = "FAILED"
+    #: waiting for a reviewer (appliance.review): never due until approved
+    HELD = "HELD"
+    #: rejected in review: never sent
+    CANCELLED = "CANCELLED"
 
 
 @dataclass(frozen=True)
@@ -228,15 +232,22 @@ class Store:
         with self._lock:
             return list(self._db.execute(sql, params))
 
+    # for appliance modules that keep their own tables in this database (appliance.review)
+    transaction = _tx
+    query = _query
+
     # ---- audit -------------------------------------------------------------------------------
 
     @staticmethod
-    def _audit(db: sqlite3.Connection, rec: AuditRecord) -> None:
+    def audit_in(db: sqlite3.Connection, rec: AuditRecord) -> None:
+        """Append ``rec`` inside the caller's transaction."""
         db.execute(
             "INSERT INTO audit (ts, event, study_uid, job_id, actor, detail) VALUES (?,?,?,?,?,?)",
             (time.time(), str(rec.event), rec.study_uid, rec.job_id, rec.actor,
              json.dumps(rec.detail, sort_keys=True)),
         )
+
+    _audit = audit_in
 
     def record(self, rec: AuditRecord) -> None:
         with self._tx() as db:
@@ -510,6 +521,10 @@ class Store:
                    r["series_uid"], r["content_key"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
                    json.loads(r["timings"]) if r["timings"] else {}, r["updated"])
 
+    def job(self, job_id: int) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
     def jobs(self, study_uid: str | None = None) -> list[Job]:
         rows = self._query("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid \
             else self._query("SELECT * FROM jobs ORDER BY id")
@@ -542,13 +557,17 @@ class Store:
 
     def complete_job(self, job: Job, results: list[ResultFile], destinations: list[str], provider: str,
                      package_hash: str, timings: dict[str, float],
-                     destinations_for: dict[str, list[str]] | None = None) -> None:
+                     destinations_for: dict[str, list[str]] | None = None,
+                     hold: Callable[[sqlite3.Connection], None] | None = None) -> None:
         """Record the results and queue them for every destination, atomically.
 
         ``destinations_for`` maps a result's SOP Instance UID to the destinations that get it
-        instead of ``destinations`` (e.g. Secondary Capture images only where asked for).
+        instead of ``destinations`` (e.g. Secondary Capture images only where asked for). With
+        ``hold``, the results are held for review: their outbox rows wait as ``HELD``, and ``hold``
+        records the hold in the same transaction (:mod:`appliance.review`).
         """
         now = time.time()
+        queued = OutboxState.HELD if hold is not None else OutboxState.PENDING
         with self._tx() as db:
             for res in results:
                 db.execute("INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, sop_class_uid, path,"
@@ -559,7 +578,7 @@ class Store:
                     db.execute("INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
                                "sop_class_uid, path, state, created) VALUES (?,?,?,?,?,?,?)",
                                (job.id, dest, res.sop_instance_uid, res.sop_class_uid, str(res.path),
-                                OutboxState.PENDING, now))
+                                queued, now))
             db.execute("UPDATE jobs SET state = ?, error = NULL, provider = ?, package_hash = ?, timings = ?, "
                        "updated = ? WHERE id = ?", (JobState.DONE, provider, package_hash, json.dumps(timings),
                                                    now, job.id))
@@ -569,6 +588,8 @@ class Store:
                                                 "results": [r.sop_instance_uid for r in results]}))
             self._audit(db, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
                                         detail={"state": JobState.DONE}))
+            if hold is not None:
+                hold(db)
 
     def fail_job(self, job: Job, error: str, code: str, retry_in: float | None) -> None:
         """FAILED for good, or back to PENDING after ``retry_in`` seconds."""

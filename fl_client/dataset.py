@@ -3,8 +3,8 @@
 The appliance (which owns the store) lists candidate series through :class:`StudySource`;
 :func:`build_index` applies a :class:`~fl_client.settings.CohortRule` and writes a cohort index
 file. The trainer, inside NVFlare's job process, reads only that index: a job names a cohort, never
-a path. Labels come from SEGs (approved in review or imported alongside the study), mapped to the
-package's label values by their segmented property type codes.
+a path. Labels come from SEGs (approved in review or imported alongside the study; the rule's
+``labels`` says which), mapped to the package's label values by their segmented property type codes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from fl_client.errors import CohortError
 from fl_client.layout import read_json, write_json
-from fl_client.settings import CohortRule
+from fl_client.settings import CohortRule, LabelSource
 from inference.packages import Manifest
 from inference.volume import Volume, load_series
 
@@ -42,7 +42,10 @@ class CandidateSeries:
     #: header (no pixel data) of one of its instances, for the cohort rule
     header: Dataset
     image_paths: Sequence[Path]
+    #: SEGs stored alongside the study (imported from the PACS) that reference the series
     seg_paths: Sequence[Path]
+    #: SEGs the appliance made on the series whose job a reviewer approved
+    approved_seg_paths: Sequence[Path] = ()
 
 
 class StudySource(Protocol):
@@ -73,6 +76,19 @@ class CohortIndex(BaseModel):
         return [s for s in self.series if s.split == which]
 
 
+def label_paths(rule: CohortRule, candidate: CandidateSeries) -> Sequence[Path]:
+    """The SEGs that label ``candidate`` under ``rule.labels``.
+
+    ``any`` takes the imported SEGs where there are some (a person drew them) and the approved ones
+    otherwise, so two label maps of one series are never mixed.
+    """
+    if rule.labels is LabelSource.IMPORTED:
+        return candidate.seg_paths
+    if rule.labels is LabelSource.APPROVED:
+        return candidate.approved_seg_paths
+    return candidate.seg_paths or candidate.approved_seg_paths
+
+
 def matches(rule: CohortRule, candidate: CandidateSeries) -> bool:
     h = candidate.header
     if str(getattr(h, "Modality", "")).upper() != rule.modality:
@@ -83,7 +99,7 @@ def matches(rule: CohortRule, candidate: CandidateSeries) -> bool:
     if rule.series_description is not None and \
             not re.search(rule.series_description, str(getattr(h, "SeriesDescription", ""))):
         return False
-    return len(candidate.image_paths) >= rule.min_slices and bool(candidate.seg_paths)
+    return len(candidate.image_paths) >= rule.min_slices and bool(label_paths(rule, candidate))
 
 
 def split_of(study_uid: str, validation_fraction: float) -> Literal["train", "val"]:
@@ -102,7 +118,7 @@ def build_index(name: str, rule: CohortRule, source: StudySource, out: Path) -> 
     records = [SeriesRecord(study_uid=c.study_uid, series_uid=c.series_uid,
                             split=split_of(c.study_uid, rule.validation_fraction),
                             image_paths=tuple(str(p) for p in c.image_paths),
-                            seg_paths=tuple(str(p) for p in c.seg_paths)) for c in chosen]
+                            seg_paths=tuple(str(p) for p in label_paths(rule, c))) for c in chosen]
     # every cohort with two or more series validates on at least one and trains on at least one
     if len(records) >= 2 and rule.validation_fraction > 0:
         splits = {r.split for r in records}

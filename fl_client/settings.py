@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class LabelSource(StrEnum):
+    """Which SEGs may label a cohort's series."""
+
+    #: SEGs stored alongside the study (received from the PACS); where a series has none, approved ones
+    ANY = "any"
+    #: only SEGs the appliance made whose job a reviewer approved
+    APPROVED = "approved"
+    #: only SEGs stored alongside the study (received from the PACS)
+    IMPORTED = "imported"
 
 
 class CohortRule(BaseModel):
@@ -22,6 +34,8 @@ class CohortRule(BaseModel):
     max_series: Annotated[int, Field(ge=1)] | None = None
     #: fraction of studies held out for local validation (assigned by a hash of the study UID)
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+    #: which SEGs label a series; rejected or unreviewed SEGs the appliance made never do
+    labels: LabelSource = LabelSource.ANY
 
 
 class PrivacySettings(BaseModel):
