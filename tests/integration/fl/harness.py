@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from inference.results.seg import build_seg
 from inference.settings import DeviceIdentity
 from inference.volume import load_series
 from tests.conftest import real_data_root
-from tests.support.net import port_open
+from tests.support.net import free_port, port_open
 from tests.support.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,6 +43,7 @@ JOB_TEMPLATE = REPO / "fl_jobs" / "ct-body-composition-fedavg"
 PATIENT_PREFIX = "FLTEST^PATIENT"
 REAL_CT = real_data_root() / "totalsegmentator" / "example_ct_dicom"
 RECORDER = Path(__file__).with_name("server_recorder.py")
+API_TOKEN = "fl-test-api-token"
 
 
 def env_for(root: Path) -> dict[str, str]:
@@ -146,6 +148,8 @@ class Site:
     root: Path
     config: Path
     kit: Path
+    serve: bool = False
+    api_port: int | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -167,6 +171,14 @@ class Site:
     def status(self) -> dict[str, Any]:
         out = self.portico("fl", "status", "--json")
         return dict(json.loads(out.stdout))
+
+    def api_get(self, path: str) -> Any:
+        """``GET path`` from the site's HTTP API (``portico serve`` sites only)."""
+        assert self.api_port is not None, f"{self.name} runs without the API"
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}",
+                                         headers={"Authorization": f"Bearer {API_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
 
 
 @dataclass
@@ -231,20 +243,30 @@ class Federation:
         self.started.append(self.server_proc)
         wait_for(lambda: port_open(self.port), 60, 0.2, "the NVFlare server")
 
-    def add_site(self, name: str, settings: dict[str, Any]) -> Site:
+    def add_site(self, name: str, settings: dict[str, Any], *, serve: bool = False) -> Site:
+        """A Portico site; with ``serve`` it runs as the whole appliance (``portico serve``: SCP, API and
+        the FL supervisor), otherwise as ``portico fl run`` (the supervisor alone)."""
         root = self.root / name
         root.mkdir()
         config = root / "portico.yaml"
-        data = {"mode": "dev", "storage": {"data_dir": str(root / "data"), "fsync": False},
-                "inference": {"models_dir": str(root / "models")}, "fl": settings}
+        data: dict[str, Any] = {"mode": "dev", "storage": {"data_dir": str(root / "data"), "fsync": False},
+                                "inference": {"models_dir": str(root / "models")}, "fl": settings}
+        api_port = None
+        if serve:
+            api_port = free_port()
+            (root / "rules.yaml").write_text("rules: []\n")
+            data["router"] = {"ae_title": "PORTICO", "bind_host": "127.0.0.1", "port": free_port(),
+                              "rules_file": str(root / "rules.yaml")}
+            data["api"] = {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": API_TOKEN}
         config.write_text(yaml.safe_dump(data))
-        site = Site(name, root, config, self.prod / name)
+        site = Site(name, root, config, self.prod / name, serve=serve, api_port=api_port)
         self.sites[name] = site
         return site
 
     def start_site(self, site: Site) -> None:
         log = (site.root / "portico-fl.log").open("ab")
-        site.proc = subprocess.Popen([PY, "-m", "appliance", "fl", "-c", str(site.config), "run"], cwd=REPO,
+        command = ["serve", "-c", str(site.config)] if site.serve else ["fl", "-c", str(site.config), "run"]
+        site.proc = subprocess.Popen([PY, "-m", "appliance", *command], cwd=REPO,
                                      env=env_for(site.root), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.started.append(site.proc)

@@ -1,9 +1,11 @@
 """Real NVFlare on localhost: one server, two Portico appliances, each with its own data.
 
-site-a holds synthetic labelled phantoms; site-b phantoms plus the real CT from ``../shared/data``
-(labels from the HU rule, stored as a SEG beside it). The tests share one federation and run in
-file order: approvals, BYOC refusal, two FedAvg rounds to a candidate used for inference, what left
-the sites, supervisor restart, a site killed mid-job.
+site-a holds synthetic labelled phantoms and runs the FL supervisor alone (``portico fl run``);
+site-b holds phantoms plus the real CT from ``../shared/data`` (labels from the HU rule, stored as a
+SEG beside it) and runs as the whole appliance (``portico serve``: SCP, HTTP API and the supervisor).
+The tests share one federation and run in file order: approvals, BYOC refusal, two FedAvg rounds to a
+candidate used for inference, what left the sites, supervisor restart, a clean stop of ``serve``
+mid-job, a site killed mid-job.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         federation.provision(["site-a", "site-b"])
         federation.start_server()
         for name, seeds in (("site-a", [11, 12, 13, 14]), ("site-b", [21, 22, 23])):
-            site = federation.add_site(name, SITE_SETTINGS)
+            site = federation.add_site(name, SITE_SETTINGS, serve=name == "site-b")
             package = make_base_package(site.models_dir)
             store = Store(site.data_dir, fsync=False)
             phantom_studies(store, site.root / "work", package, seeds)
@@ -219,8 +221,17 @@ def test_only_weights_and_metrics_leave_a_site(fed: Federation) -> None:
             assert needle not in data, f"{needle[:40]!r} left a site in {path.name}"
 
 
+def test_serve_reports_the_federation_through_its_api(fed: Federation) -> None:
+    site = fed.sites["site-b"]
+    status = site.api_get("/fl/status")
+    assert status["state"] == "connected" and status["site"] == "site-b"
+    assert status["process"]["running"] and status["process"]["pid"] == site.status()["process"]["pid"]
+    assert fed.job_id in status["jobs"] and status["jobs"][fed.job_id]["last_round"]["round"] == 1
+    assert site.api_get("/health")["status"] == "ok"
+
+
 def test_supervisor_restarts_a_killed_client(fed: Federation) -> None:
-    site = fed.sites["site-a"]
+    site = fed.sites["site-b"]
     before = site.status()["process"]
     assert before["running"]
     os.kill(before["pid"], signal.SIGKILL)
@@ -230,6 +241,33 @@ def test_supervisor_restarts_a_killed_client(fed: Federation) -> None:
     wait_for(lambda: site.status()["state"] == "connected", 90, 1.0, "site-a connected again")
     exits = [e for e in _audit(site) if e["event"] == "fl_client" and e["detail"].get("kind") == "exited"]
     assert exits
+
+
+def test_serve_stops_cleanly_mid_job_with_its_job_processes(fed: Federation, tmp_path: Path) -> None:
+    job_id = fed.session.submit_job(str(job_folder(tmp_path, rounds=1, min_responses=1, steps=2000, timeout=120,
+                                                   wait_after_min=1, name="interrupted")))
+    _approve_all(fed, job_id)
+    site = fed.sites["site-b"]
+    assert site.proc is not None
+    proc = site.proc
+
+    def job_process() -> dict[int, int] | None:
+        tree = descendants(proc.pid)
+        return tree if any(job_id in _cmdline(pid) for pid in tree) else None
+
+    tree = wait_for(job_process, 120, 0.5, "site-b's job process")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    site.proc = None
+    # the client and the job process (in a session of its own) went with the appliance, unforced
+    alive = [pid for pid in tree if _cmdline(pid)]
+    assert not alive, [_cmdline(pid) for pid in alive]
+    events = [e for e in _audit(site) if e["event"] == "service"]
+    assert events[-1]["detail"].get("action") == "stop"
+    fed.session.abort_job(job_id)
+    wait_for(lambda: _finished(fed, job_id), 90, 1.0, "the aborted job")
+    fed.start_site(site)
+    wait_for(lambda: site.status()["state"] == "connected", 120, 1.0, "site-b connected again")
 
 
 def test_a_dead_site_does_not_stall_the_round(fed: Federation, tmp_path: Path) -> None:
