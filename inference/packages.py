@@ -116,12 +116,26 @@ class PostStep(StrEnum):
     REMOVE_SMALL = "remove_small"
 
 
+class SegType(StrEnum):
+    """How the DICOM SEG encodes the result.
+
+    ``binary``: one bit a voxel, from the (postprocessed) label map. ``fractional``: the model's
+    per-segment probability, 0..255 for 0..1 (FRACTIONAL, PROBABILITY), resampled onto the
+    series' grid; voxels postprocessing removed from a segment carry probability 0 for it.
+    """
+
+    BINARY = "binary"
+    FRACTIONAL = "fractional"
+
+
 class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     segments: tuple[Segment, ...] = Field(min_length=1)
     measurements: tuple[Measurement, ...] = (Measurement.VOLUME, Measurement.MEAN)
     postprocessing: tuple[PostStep, ...] = ()
+    #: BINARY (default) or FRACTIONAL SEG; measurements always come from the label map
+    seg_type: SegType = SegType.BINARY
 
     @field_validator("segments")
     @classmethod
@@ -343,6 +357,9 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     """Write ``manifest`` as ``root/portico-model.yaml`` (any signature must be made afresh)."""
     path = root / MANIFEST_NAME
     data = manifest.model_dump(mode="json")
+    if manifest.output.seg_type == SegType.BINARY:
+        # the default is left out, so packages built before the option existed rebuild byte for byte
+        del data["output"]["seg_type"]
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 

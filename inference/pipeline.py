@@ -12,9 +12,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from inference.measurements import SegmentMeasurement, measure
-from inference.packages import ModelPackage
-from inference.predict import segment
-from inference.results.seg import build_seg
+from inference.packages import ModelPackage, SegType
+from inference.predict import segment, segment_with_probabilities
+from inference.results.seg import build_fractional_seg, build_seg
 from inference.results.sr import build_sr
 from inference.runtime.onnxruntime import SessionCache
 from inference.settings import InferenceSettings
@@ -27,7 +27,8 @@ class PipelineResult:
     sr: Dataset
     measurements: list[SegmentMeasurement]
     provider: str
-    #: the loaded series and the label map the SEG encodes, for derived views (key images)
+    #: the loaded series and the label map (a BINARY SEG encodes it; a FRACTIONAL one the probabilities
+    #: behind it), for derived views (key images)
     volume: Volume
     labels: NDArray[np.uint8]
     timings: dict[str, float] = field(default_factory=dict)
@@ -46,12 +47,21 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     t1 = time.perf_counter()
     timings["load"] = t1 - t0
     model = sessions.get(package, settings.providers)
-    labels = segment(volume.hu, volume.spacing, package.manifest, model)
+    manifest = package.manifest
+    if manifest.output.seg_type == SegType.FRACTIONAL:
+        labels, probabilities = segment_with_probabilities(volume.hu, volume.spacing, manifest, model)
+    else:
+        labels, probabilities = segment(volume.hu, volume.spacing, manifest, model), None
     t2 = time.perf_counter()
     timings["inference"] = t2 - t1
-    measurements = measure(labels, volume, package.manifest.output.segments)
-    seg = build_seg(volume, labels, package.manifest, settings.device, settings.uid_root, run_key)
-    sr = build_sr(seg, volume, measurements, package.manifest, settings.device, settings.uid_root, run_key)
+    # measurements (and the SR) always come from the label map, whichever SEG encodes the result
+    measurements = measure(labels, volume, manifest.output.segments)
+    if probabilities is not None:
+        seg = build_fractional_seg(volume, probabilities, manifest, settings.device, settings.uid_root, run_key)
+        del probabilities
+    else:
+        seg = build_seg(volume, labels, manifest, settings.device, settings.uid_root, run_key)
+    sr = build_sr(seg, volume, measurements, manifest, settings.device, settings.uid_root, run_key)
     timings["encode"] = time.perf_counter() - t2
     return PipelineResult(seg=seg, sr=sr, measurements=measurements, provider=model.provider, volume=volume,
                           labels=labels, timings=timings)

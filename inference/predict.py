@@ -5,6 +5,10 @@ Memory stays bounded for large series: intensities are windowed patch by patch, 
 are accumulated for one row of patches along z at a time and turned into labels as soon as no later
 patch can touch them, and postprocessing labels connected components one slice at a time.
 
+For a FRACTIONAL SEG (:func:`segment_with_probabilities`) the blended softmax probability of each
+manifest segment is quantised to uint8 (0..255 for 0..1) as each slab of slices is finalised, so the
+extra memory is one byte per voxel per segment, and only when asked for.
+
 Postprocessing vocabulary (:class:`~inference.packages.PostStep`), applied in manifest order:
 
 ``largest_component``
@@ -43,6 +47,21 @@ def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model
             batch_size: int = 4) -> NDArray[np.uint8]:
     """Label map of ``hu`` (z, y, x) on its own grid, segment label values as in the manifest.
 
+    See :func:`segment_with_probabilities` for the parameters and errors.
+    """
+    labels, _ = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=False)
+    return labels
+
+
+def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *,
+                               batch_size: int = 4) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+    """Label map of ``hu`` and the probability of each manifest segment, both on ``hu``'s grid.
+
+    The probabilities are (segments, z, y, x) uint8, ``round(255 * p)``, in manifest segment order;
+    off the model's grid they are resampled linearly. Where postprocessing took a voxel away from a
+    segment (a removed component), that segment's probability is 0; voxels it gave to a segment
+    (filled holes) keep the model's probability.
+
     Parameters
     ----------
     hu
@@ -63,6 +82,13 @@ def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model
     InferenceError
         When the model's output does not fit the manifest.
     """
+    labels, probabilities = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=True)
+    assert probabilities is not None
+    return labels, probabilities
+
+
+def _segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *, batch_size: int,
+             with_probabilities: bool) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
@@ -74,16 +100,28 @@ def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model
     channels = max(s.label for s in manifest.output.segments) + 1
     native: Shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
     target = native if spec.spacing_mm is None else resampled_shape(native, spacing, spec.spacing_mm)
+    classes = [s.label for s in manifest.output.segments]
+    probabilities = np.zeros((len(classes), *target), dtype=np.uint8) if with_probabilities else None
     if target == native:
         labels = sliding_window(hu, spec.patch_size, spec.overlap, model, channels,
-                                transform=lambda p: window(p, low, high), batch_size=batch_size)
+                                transform=lambda p: window(p, low, high), batch_size=batch_size,
+                                probabilities=probabilities, classes=classes)
     else:
         work = resample_linear(hu, target, transform=lambda p: window(p, low, high))
         labels = sliding_window(work, spec.patch_size, spec.overlap, model, channels,
-                                batch_size=batch_size)
+                                batch_size=batch_size, probabilities=probabilities, classes=classes)
         del work
         labels = resample_nearest(labels, native)
-    return postprocess(labels, manifest.output.postprocessing, spacing)
+        if probabilities is not None:
+            probabilities = resample_probabilities(probabilities, native)
+    steps = manifest.output.postprocessing
+    before = labels.copy() if probabilities is not None and steps else None
+    postprocess(labels, steps, spacing)
+    if before is not None and probabilities is not None:
+        for z in range(native[0]):  # per slice: the comparisons stay one slice big
+            for i, label in enumerate(classes):
+                probabilities[i, z][(before[z] == label) & (labels[z] != label)] = 0
+    return labels, probabilities
 
 
 def window(values: NDArray[np.floating], low: float, high: float) -> NDArray[np.float32]:
@@ -128,6 +166,22 @@ def resample_linear(volume: NDArray[np.floating], shape: Shape, *,
     ``transform`` is applied to each resampled chunk (e.g. the intensity window).
     """
     out = np.empty(shape, dtype=np.float32)
+    _resample_linear_into(volume, out, transform)
+    return out
+
+
+def resample_probabilities(probabilities: NDArray[np.uint8], shape: Shape) -> NDArray[np.uint8]:
+    """Trilinear resampling of (segments, z, y, x) uint8 probabilities onto ``shape``, rounded."""
+    out = np.empty((probabilities.shape[0], *shape), dtype=np.uint8)
+    for i in range(probabilities.shape[0]):
+        _resample_linear_into(probabilities[i], out[i], None)
+    return out
+
+
+def _resample_linear_into(volume: NDArray[np.generic], out: NDArray[np.generic],
+                          transform: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None) -> None:
+    shape = out.shape
+    integer = np.issubdtype(out.dtype, np.integer)
     z_lo, z_hi, z_w = _linear_axis(volume.shape[0], shape[0])
     y_lo, y_hi, y_w = _linear_axis(volume.shape[1], shape[1])
     x_lo, x_hi, x_w = _linear_axis(volume.shape[2], shape[2])
@@ -140,8 +194,9 @@ def resample_linear(volume: NDArray[np.floating], shape: Shape, *,
         a = a[:, y_lo] * (1 - wy) + a[:, y_hi] * wy
         wx = x_w[None, None, :]
         a = a[:, :, x_lo] * (1 - wx) + a[:, :, x_hi] * wx
-        out[sl] = a if transform is None else transform(a)
-    return out
+        if transform is not None:
+            a = transform(a)
+        out[sl] = np.rint(a) if integer else a
 
 
 def resample_nearest(labels: NDArray[np.uint8], shape: Shape) -> NDArray[np.uint8]:
@@ -189,12 +244,18 @@ def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
 def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: float, model: Runtime,
                    channels: int, *,
                    transform: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
-                   batch_size: int = 4) -> NDArray[np.uint8]:
+                   batch_size: int = 4, probabilities: NDArray[np.uint8] | None = None,
+                   classes: Sequence[int] = ()) -> NDArray[np.uint8]:
     """Argmax labels of ``volume`` from Gaussian-blended patch probabilities.
 
     Volumes smaller than the patch are padded with 0 (after ``transform``). Probabilities live
     only for the rows of patches in flight, so memory is one patch depth of the volume's slices.
+    With ``probabilities`` (``(len(classes), z, y, x)`` uint8), the blended probability of each
+    channel in ``classes`` is also written there as ``round(255 * p)``.
     """
+    if probabilities is not None and probabilities.shape != (len(classes), *volume.shape):
+        raise ValueError(f"probabilities has shape {probabilities.shape}; expected "
+                         f"{(len(classes), *volume.shape)}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     pz, py, px = (int(p) for p in patch)
@@ -219,7 +280,14 @@ def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: 
         stop = min(buf_start + n_done, nz)
         if stop > buf_start:
             k = stop - buf_start
-            labels[buf_start:stop] = np.argmax(acc[:, :k, :ny, :nx], axis=0).astype(np.uint8)
+            block = acc[:, :k, :ny, :nx]
+            labels[buf_start:stop] = np.argmax(block, axis=0).astype(np.uint8)
+            if probabilities is not None:
+                # softmax outputs sum to 1, so the weights' sum is the sum over channels
+                scale = np.float32(255.0) / np.maximum(block.sum(axis=0), np.float32(1e-12))
+                for i, c in enumerate(classes):
+                    p = block[c] * scale
+                    probabilities[i, buf_start:stop] = np.rint(p, out=p)
         acc = acc[:, n_done:]
         buf_start += n_done
 

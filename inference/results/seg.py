@@ -1,4 +1,5 @@
-"""The DICOM Segmentation (BINARY) of a model's label map, built with highdicom.
+"""The DICOM Segmentation of a model's result, built with highdicom: BINARY from the label map, or
+FRACTIONAL (PROBABILITY, 0..255) from the per-segment probabilities.
 
 Segment numbers follow the manifest: segment ``i + 1`` is ``manifest.output.segments[i]``, whatever
 its label value. Every manifest segment is listed, including one the model left empty: it gets a
@@ -7,6 +8,9 @@ that references them and downstream readers see the same segments for every stud
 omitted; if every segment is empty highdicom keeps all frames, as omitting all is not allowed.
 
 The label map goes to highdicom as one 3D uint8 array (not stacked masks): about 5x faster.
+Probabilities go to it already quantised (uint8, 0..255) through :class:`_ScaledFractional`, which
+skips highdicom's float input path: its ``np.unique`` over the whole float array is most of a
+FRACTIONAL build, and the float array itself is 4 bytes a voxel a segment.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -24,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.measurements import as_label_map
 from inference.packages import Code, Manifest
-from inference.results.uids import derive_uid, derived_uids
+from inference.results.uids import DerivedUids, derive_uid, derived_uids
 from inference.settings import DeviceIdentity
 from inference.volume import Volume
 
@@ -135,6 +139,32 @@ def _source_order(volume: Volume, numbers: NDArray[np.uint8]) -> NDArray[np.uint
     return reordered
 
 
+class _ScaledFractional(hd.seg.Segmentation):
+    """A FRACTIONAL Segmentation from a (frames, rows, columns, segments) uint8 array already scaled.
+
+    highdicom 0.28 reads an integer array as binary masks (refusing values above 1) and scales its
+    frames by ``max_fractional_value``; here the values are the stored ones. uint8 bounds them by
+    0..255 = ``max_fractional_value``, so no check over the array is needed. Use only with such arrays.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(cls, pixel_array: Any, segment_numbers: Any, segmentation_type: Any,
+                                    dtype: type) -> Any:
+        if (segmentation_type != hd.seg.SegmentationTypeValues.FRACTIONAL or pixel_array.ndim != 4
+                or pixel_array.dtype != np.uint8 or pixel_array.shape[-1] != len(segment_numbers)):
+            raise ValueError("expected FRACTIONAL (frames, rows, columns, segments) uint8 probabilities")
+        # as highdicom has it: overlap of truly fractional segments is undefined
+        overlap = (hd.seg.SegmentsOverlapValues.NO if pixel_array.shape[-1] == 1
+                   else hd.seg.SegmentsOverlapValues.UNDEFINED)
+        return pixel_array, overlap
+
+    @staticmethod
+    def _get_segment_pixel_array(pixel_array: NDArray[np.uint8], segment_number: int, *args: Any,
+                                 **kwargs: Any) -> NDArray[np.uint8]:
+        plane: NDArray[np.uint8] = pixel_array[:, :, segment_number - 1]
+        return plane
+
+
 def content_label(manifest: Manifest) -> str:
     """A valid CS ContentLabel (≤ 16 characters, upper case, digits, underscore) naming the model."""
     return re.sub(r"[^A-Z0-9_]", "_", manifest.name.upper())[:16]
@@ -171,6 +201,66 @@ def build_seg(
         source_images=volume.datasets,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        **_common(manifest, device, uid_root, run_key, uids, series_number, content_datetime),
+    )
+    return _finish(seg, manifest, uid_root, run_key, ("SEG",), content_datetime)
+
+
+def build_fractional_seg(
+    volume: Volume,
+    probabilities: NDArray[np.uint8],
+    manifest: Manifest,
+    device: DeviceIdentity,
+    uid_root: str,
+    run_key: str,
+    series_number: int = DEFAULT_SEG_SERIES_NUMBER,
+    *,
+    content_datetime: dt.datetime | None = None,
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
+) -> Dataset:
+    """Encode per-segment probabilities as a FRACTIONAL (PROBABILITY) SEG, max fractional value 255.
+
+    ``probabilities`` is (segments, z, y, x) uint8 on ``volume``'s grid, ``round(255 * p)``, one
+    plane per manifest segment in manifest order (see
+    :func:`inference.predict.segment_with_probabilities`). Frames that are 0 throughout are omitted.
+    UIDs and times as for :func:`build_seg`, from a different object kind, so a BINARY and a
+    FRACTIONAL SEG of one run are different objects. ``transfer_syntax_uid`` may be a lossless
+    compressed one (JPEG-LS, RLE, JPEG 2000 lossless); the appliance stores Explicit VR Little
+    Endian and compresses per destination (:mod:`dicom_router.transcode`).
+
+    Raises
+    ------
+    ValueError
+        When ``probabilities`` does not match the volume and the manifest, or the volume spans
+        several multi-frame instances.
+    TypeError
+        When ``probabilities`` is not uint8.
+    """
+    n = len(manifest.output.segments)
+    if probabilities.dtype != np.uint8:
+        raise TypeError(f"probabilities must be uint8 (0..255), not {probabilities.dtype}")
+    if probabilities.shape != (n, *volume.hu.shape):
+        raise ValueError(f"probabilities have shape {probabilities.shape}; expected {(n, *volume.hu.shape)}")
+    # (z, y, x, segments) as highdicom wants it, as a view: each frame stays one contiguous plane
+    pixels = _source_order(volume, np.moveaxis(probabilities, 0, -1))
+    uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SEG-FRACTIONAL")
+    seg = _ScaledFractional(
+        source_images=volume.datasets,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
+        transfer_syntax_uid=transfer_syntax_uid,
+        **_common(manifest, device, uid_root, run_key, uids, series_number, content_datetime),
+    )
+    return _finish(seg, manifest, uid_root, run_key, ("SEG-FRACTIONAL",), content_datetime)
+
+
+def _common(manifest: Manifest, device: DeviceIdentity, uid_root: str, run_key: str, uids: DerivedUids,
+            series_number: int, content_datetime: dt.datetime | None) -> dict[str, Any]:
+    """The Segmentation keyword arguments BINARY and FRACTIONAL share."""
+    return dict(
         segment_descriptions=segment_descriptions(manifest, uid_root, run_key),
         series_instance_uid=uids.series_instance_uid,
         series_number=series_number,
@@ -182,18 +272,21 @@ def build_seg(
         content_label=content_label(manifest),
         series_description=lo(f"AI SEG {manifest.title} {manifest.version}"),
         content_qualification=content_qualification(manifest),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
         content_date=content_datetime.date() if content_datetime else None,
         content_time=content_datetime.time() if content_datetime else None,
         series_date=content_datetime.date() if content_datetime else None,
         series_time=content_datetime.time() if content_datetime else None,
     )
+
+
+def _finish(seg: Dataset, manifest: Manifest, uid_root: str, run_key: str, kind: tuple[str, ...],
+            content_datetime: dt.datetime | None) -> Dataset:
     # highdicom draws a random dimension organisation UID; derive it so a rebuild is the same object
-    dimension_uid = derive_uid(uid_root, run_key, manifest.name, manifest.version, "SEG", "dimensions")
+    dimension_uid = derive_uid(uid_root, run_key, manifest.name, manifest.version, *kind, "dimensions")
     for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
         item.DimensionOrganizationUID = dimension_uid
     pin_times(seg, content_datetime)
-    logger.info("built SEG %s: %d segment(s), %d frame(s)", uids.sop_instance_uid[-12:],
-                len(manifest.output.segments), int(seg.NumberOfFrames))
+    logger.info("built %s SEG %s: %d segment(s), %d frame(s)", seg.SegmentationType,
+                str(seg.SOPInstanceUID)[-12:], len(manifest.output.segments), int(seg.NumberOfFrames))
     return seg
