@@ -43,8 +43,9 @@ class StoreStudySource:
     """The store's image series, each with its imported SEGs and the approved SEGs Portico made on it.
 
     Imported SEGs are stored instances that reference the series; approved ones are Portico's SEG
-    results of jobs on the series that a reviewer approved (:mod:`appliance.review`). Portico's own results never come in as stored instances (a PACS echoing one back is not
-    indexed), so an unreviewed or rejected Portico SEG is never offered as a label.
+    results of jobs on the series that a reviewer approved (:mod:`appliance.review`). Portico's own
+    results never come in as stored instances (a PACS echoing one back is not indexed), so an
+    unreviewed or rejected Portico SEG is never offered as a label.
     """
 
     def __init__(self, store: Store, reviews: Reviews | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from appliance.api import fl, models, status
+from appliance.api import fl, models, review, status
 from appliance.api.auth import GuardMiddleware
 from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
@@ -41,4 +41,5 @@ def create_app(settings: Settings, store: Store, service: Service | None = None)
     app.include_router(status.build_router(ctx))
     app.include_router(fl.build_router(ctx))
     app.include_router(models.build_router(ctx))
+    app.include_router(review.build_router(ctx))
     return app

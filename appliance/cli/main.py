@@ -14,6 +14,7 @@ COMMANDS = {
     "rules": ("appliance.cli.rules", "rules check FILE: validate a routing rules file"),
     "models": ("appliance.cli.models", "models list | verify: installed model packages"),
     "fl": ("appliance.cli.fl", "fl enrol|request|status|approve|reject|cohort|export|run: federated learning"),
+    "review": ("appliance.cli.review", "review list|show|approve|reject: results held for a reviewer"),
     "status": ("appliance.cli.status", "studies, jobs and outbox at a glance"),
 }
 

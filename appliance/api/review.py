@@ -1,0 +1,128 @@
+"""``/review``: finished jobs' results waiting for a reviewer, and approving or rejecting them (audited).
+
+The reviewer's name comes in the body; the token says only that the caller may use the API, so the
+audit row records the name given and ``via: api``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.api.context import ACTOR, ApiContext
+from appliance.api.errors import ApiError
+from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState
+
+_STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
+StateQuery = Annotated[str, Query(pattern=f"^({'|'.join(_STATES)})$")]
+
+
+class ResultOut(BaseModel):
+    sop_instance_uid: str
+    kind: str
+    sop_class_uid: str
+
+
+class ReviewOut(BaseModel):
+    job_id: int
+    state: str
+    held: bool
+    study_uid: str
+    series_uid: str
+    model: str
+    model_version: str | None
+    finished: float
+    reviewer: str | None
+    reason: str
+    decided_at: float | None
+
+    @classmethod
+    def of(cls, r: Review) -> ReviewOut:
+        return cls(job_id=r.job.id, state=str(r.state), held=r.held, study_uid=r.job.study_uid,
+                   series_uid=r.job.series_uid, model=r.job.model, model_version=r.job.model_version,
+                   finished=r.job.updated, reviewer=r.reviewer, reason=r.reason, decided_at=r.decided_at)
+
+
+class ReviewDetail(ReviewOut):
+    results: list[ResultOut]
+    measurements: list[dict[str, Any]]
+    outbox: dict[str, int]
+
+    @classmethod
+    def of(cls, r: Review) -> ReviewDetail:
+        return cls(**ReviewOut.of(r).model_dump(), measurements=r.measurements(), outbox=r.outbox,
+                   results=[ResultOut(sop_instance_uid=f.sop_instance_uid, kind=f.kind, sop_class_uid=f.sop_class_uid)
+                            for f in r.results])
+
+
+class DecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=1000)] = ""
+    #: who decided (recorded and audited); ``api`` when not given
+    reviewer: Annotated[str, Field(min_length=1, max_length=128)] = ACTOR
+    #: decide on results that were not held (they went out when the job finished)
+    retrospective: bool = False
+
+
+class RejectionIn(DecisionIn):
+    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class DecisionOut(BaseModel):
+    job_id: int
+    state: str
+    held: bool
+    released: int
+    cancelled: int
+    already_sent: int
+
+    @classmethod
+    def of(cls, o: Outcome) -> DecisionOut:
+        return cls(job_id=o.job_id, state=str(o.state), held=o.held, released=o.released, cancelled=o.cancelled,
+                   already_sent=o.already_sent)
+
+
+def _error(exc: ReviewError | ValueError) -> ApiError:
+    if isinstance(exc, ValueError):  # a blank reviewer or reason
+        return ApiError(422, "invalid_request", str(exc))
+    return ApiError(404 if exc.code == "not_found" else 409, exc.code, str(exc))
+
+
+def build_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(prefix="/review")
+
+    book = Reviews(ctx.store, ctx.settings.review)
+
+    @router.get("")
+    def listing(state: StateQuery = "held") -> list[ReviewOut]:
+        """Finished jobs by review state, oldest first (``held``: waiting for a reviewer)."""
+        return [ReviewOut.of(r) for r in book.find(_STATES[state])]
+
+    @router.get("/{job_id}")
+    def show(job_id: int) -> ReviewDetail:
+        try:
+            return ReviewDetail.of(book.get(job_id))
+        except ReviewError as exc:
+            raise _error(exc) from None
+
+    @router.post("/{job_id}/approve")
+    def approve(job_id: int, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+        body = body or DecisionIn()
+        try:
+            return DecisionOut.of(book.approve(job_id, body.reviewer, body.reason, via=ACTOR,
+                                               retrospective=body.retrospective))
+        except (ReviewError, ValueError) as exc:
+            raise _error(exc) from None
+
+    @router.post("/{job_id}/reject")
+    def reject(job_id: int, body: RejectionIn) -> DecisionOut:
+        try:
+            return DecisionOut.of(book.reject(job_id, body.reviewer, body.reason, via=ACTOR,
+                                              retrospective=body.retrospective))
+        except (ReviewError, ValueError) as exc:
+            raise _error(exc) from None
+
+    return router
