@@ -42,6 +42,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.markdown import write_section  # noqa: E402
 
 PACKAGE = REPO / "models" / "ct-body-composition"
 CUDA = "CUDAExecutionProvider"
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-repeats", type=int, default=3)
     parser.add_argument("--skip-appliance", action="store_true", help="skip step 4 (the appliance's runtime)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", action="store_true", help="also write the 'gpu' section of BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="a sentence for that section (e.g. why no GPU was available)")
     args = parser.parse_args(argv)
     out_path = args.out or default_out()
     model = PACKAGE / "model.onnx"
@@ -294,7 +297,32 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
     say(f"results: {out_path}")
+    if args.markdown:
+        say(f"wrote {write_section('gpu', markdown(result, args.note))}")
     return status
+
+
+def markdown(result: dict[str, Any], note: str) -> str:
+    """The BENCHMARKS.md section for one run: CUDA vs CPU, or why there was no CUDA."""
+    cpu = result["cpu"]
+    m = result["machine"]
+    lines = ["## GPU: the demo model on CUDA vs CPU", "",
+             f"`python benchmarks/gpu_check.py --markdown` ({result['date']}, {m['cpus']} CPUs, {m['arch']}, "
+             f"{result['slices']} synthetic 512×512 slices, {result['model']}).", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| provider | median s | ms / slice | runs |", "|---|---|---|---|",
+              f"| CPU | {cpu['median_s']:.3f} | {cpu['ms_per_slice']:.1f} | {cpu['repeats']} |"]
+    if "cuda" in result:
+        cuda, agree = result["cuda"], result["agreement"]
+        lines.append(f"| CUDA | {cuda['median_s']:.3f} | {cuda['ms_per_slice']:.2f} | {cuda['repeats']} |")
+        lines += ["", f"CUDA is **{result['speedup_cuda_vs_cpu']:.1f}×** the CPU at batch {cuda['batch']}; "
+                  f"max |Δlogit| {agree['max_abs_logit_diff']:.2e}, labels agree on "
+                  f"{100 * agree['label_agreement']:.4f} % of voxels."]
+    else:
+        lines += ["", f"No CUDA figures: {result['cuda_probe']['reason']}. The runtime fell back to the CPU "
+                  "with one log line, as it must."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
