@@ -17,6 +17,15 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def also_after(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept the shared options after a sub-action too (``portico review approve 7 -c portico.yaml``)."""
+    # SUPPRESS: an option not given after the action keeps what was given (or defaulted) before it
+    sub.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS)
+    sub.add_argument("--log-level", default=argparse.SUPPRESS)
+    sub.add_argument("--json-logs", action="store_true", default=argparse.SUPPRESS)
+    return sub
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     configure(args.log_level, args.json_logs)
     return load_settings(args.config)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.cli.common import parser, settings_from
+from appliance.cli.common import also_after, parser, settings_from
 from appliance.handoff import short
 from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState, describe
 from appliance.store import Store
@@ -90,14 +90,14 @@ def _decided(o: Outcome) -> str:
 def main(argv: Sequence[str]) -> int:
     p = parser("review", "Results held for review: list, show, approve, reject.")
     sub = p.add_subparsers(dest="action", required=True)
-    ls = sub.add_parser("list", help="jobs by review state (default: held, waiting for a reviewer)")
+    ls = also_after(sub.add_parser("list", help="jobs by review state (default: held, waiting for a reviewer)"))
     ls.add_argument("--state", choices=list(_STATES), default="held")
     ls.add_argument("--json", action="store_true", dest="as_json")
-    sh = sub.add_parser("show", help="one job: study, model, measurements, files, outbox")
+    sh = also_after(sub.add_parser("show", help="one job: study, model, measurements, files, outbox"))
     sh.add_argument("job_id", type=int)
     sh.add_argument("--json", action="store_true", dest="as_json")
     for name, needs_reason in (("approve", False), ("reject", True)):
-        d = sub.add_parser(name, help=f"{name} a job's results")
+        d = also_after(sub.add_parser(name, help=f"{name} a job's results"))
         d.add_argument("job_id", type=int)
         d.add_argument("--reason", required=needs_reason, default="")
         d.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
