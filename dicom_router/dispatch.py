@@ -5,6 +5,13 @@ re-encoding it), over one association per destination per batch, with TCP_NODELA
 never sets it; on loopback that alone is worth about 5x), the event-driven reactor of
 :mod:`dicom_router.reactor`, and presentation contexts for exactly the SOP class / transfer syntax
 pairs in the batch.
+
+A destination with ``compression`` set also gets, for each SEG that can take it, a lossless
+compressed copy (:mod:`dicom_router.transcode`, made before associating and cached beside the file).
+Each (SOP class, transfer syntax) pair is proposed in a presentation context of its own, so the
+peer accepts or rejects the compressed one alone; a file goes compressed when that was accepted and
+as stored otherwise. Over STOW-RS the compressed copy goes first and a file the server refuses is
+sent again as stored, in the same pass.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
@@ -28,7 +35,8 @@ from dicom_router.errors import DispatchError
 from dicom_router.ports import Outbox, OutboxItem
 from dicom_router.reactor import request_association
 from dicom_router.scp import quiet_pynetdicom, short_uid
-from dicom_router.settings import DimseDestination, DispatchSettings, StowDestination
+from dicom_router.settings import Compression, DimseDestination, DispatchSettings, StowDestination
+from dicom_router.transcode import TranscodeError, Variant, applies, compressed_copy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ class SendResult:
     status: int | None = None
     error: str | None = None
     permanent: bool = False
+    #: the transfer syntax it went in, when sent
+    transfer_syntax_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,12 @@ class _File:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    #: compressed copies to offer first, in order of preference; the file itself comes after them
+    compressed: tuple[Variant, ...] = ()
+
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        return (*self.compressed, Variant(self.transfer_syntax_uid, self.path))
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -214,8 +230,9 @@ def destination_calling_ae(destination: Destination, default: str) -> str:
 # --- DIMSE ------------------------------------------------------------------------------------
 
 def _send(destination: Destination, files: list[_File], calling_ae: str, timeout: float) -> list[SendResult]:
+    files = [_with_compressed(f, destination.compression) for f in files]
     if isinstance(destination, StowDestination):
-        return _stow(destination, files, timeout)
+        return _stow_with_fallback(destination, files, timeout)
     results: list[SendResult] = []
     # one association per <=128 (SOP class, transfer syntax) pairs; normally exactly one
     for chunk in _context_chunks(files):
@@ -223,15 +240,31 @@ def _send(destination: Destination, files: list[_File], calling_ae: str, timeout
     return results
 
 
+def _with_compressed(f: _File, compression: Compression) -> _File:
+    """``f`` with its compressed copy for ``compression``, when one applies and can be made."""
+    if not applies(f.sop_class_uid, f.transfer_syntax_uid, compression):
+        return f
+    try:
+        variant = compressed_copy(f.path, compression)
+    except (TranscodeError, OSError) as exc:
+        LOGGER.warning("%s goes uncompressed: %s", short_uid(f.sop_instance_uid), exc)
+        return f
+    return f if variant is None else replace(f, compressed=(variant,))
+
+
+def _pairs(f: _File) -> set[tuple[str, str]]:
+    return {(f.sop_class_uid, v.transfer_syntax_uid) for v in f.variants}
+
+
 def _context_chunks(files: list[_File]) -> Iterator[list[_File]]:
     chunk: list[_File] = []
     pairs: set[tuple[str, str]] = set()
     for f in files:
-        pair = (f.sop_class_uid, f.transfer_syntax_uid)
-        if pair not in pairs and len(pairs) == _MAX_CONTEXTS:
+        new = _pairs(f) - pairs
+        if new and len(pairs) + len(new) > _MAX_CONTEXTS:
             yield chunk
             chunk, pairs = [], set()
-        pairs.add(pair)
+        pairs |= _pairs(f)
         chunk.append(f)
     if chunk:
         yield chunk
@@ -250,7 +283,8 @@ def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: 
     # send the bytes after the file meta as they are: no decode, no re-encode, bounded memory
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = _make_ae(calling_ae, destination.max_pdu, timeout)
-    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
+    # one transfer syntax per context: the peer accepts or rejects a compressed one on its own
+    pairs = sorted(set().union(*(_pairs(f) for f in files)))
     ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
     try:
         assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
@@ -260,22 +294,26 @@ def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: 
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed (peer unreachable?)"
         return [_failed(f, reason) for f in files]
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     results: list[SendResult] = []
     try:
         for index, f in enumerate(files):
             if not assoc.is_established:
                 results.extend(_failed(g, "association ended") for g in files[index:])
                 break
-            results.append(_store_one(assoc, f))
+            # the first accepted encoding; none accepted: the file as stored, which fails as before
+            variant = next((v for v in f.variants if (f.sop_class_uid, v.transfer_syntax_uid) in accepted),
+                           f.variants[-1])
+            results.append(_store_one(assoc, f, variant))
     finally:
         if assoc.is_established:
             assoc.release()
     return results
 
 
-def _store_one(assoc: Association, f: _File) -> SendResult:
+def _store_one(assoc: Association, f: _File, variant: Variant) -> SendResult:
     try:
-        status = assoc.send_c_store(f.path)
+        status = assoc.send_c_store(variant.path)
     except (ValueError, RuntimeError) as exc:
         # no accepted presentation context for this SOP class / transfer syntax
         return _failed(f, f"not accepted by the peer: {exc}")
@@ -285,7 +323,8 @@ def _store_one(assoc: Association, f: _File) -> SendResult:
         return _failed(f, "no response (timeout or abort)")
     code = int(status.Status)
     if code == 0x0000 or code in _WARNING_STATUSES:
-        return SendResult(f.path, f.sop_instance_uid, True, status=code)
+        return SendResult(f.path, f.sop_instance_uid, True, status=code,
+                          transfer_syntax_uid=variant.transfer_syntax_uid)
     comment = status.get("ErrorComment")
     text = f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
     return _failed(f, text, status=code, permanent=is_permanent_status(code))
@@ -317,7 +356,26 @@ def stow_url(destination: StowDestination) -> str:
     return url if url.endswith("/studies") else f"{url}/studies"
 
 
-def _stow(destination: StowDestination, files: list[_File], timeout: float) -> list[SendResult]:
+#: how an unreachable STOW-RS server's failures start; anything else is the server's answer
+_STOW_UNREACHABLE = "STOW-RS unreachable"
+
+
+def _stow_with_fallback(destination: StowDestination, files: list[_File], timeout: float) -> list[SendResult]:
+    """Compressed copies first; what the server refused of them goes again as stored."""
+    results = _stow(destination, files, timeout, compressed=True)
+    again = [f for f, r in zip(files, results, strict=True)
+             if f.compressed and not r.ok and not (r.error or "").startswith(_STOW_UNREACHABLE)]
+    if not again:
+        return results
+    LOGGER.info("STOW-RS to %s refused %d compressed file(s); sending them as stored", destination.name,
+                len(again))
+    retried = {r.path: r for r in _stow(destination, again, timeout, compressed=False)}
+    return [retried.get(r.path, r) for r in results]
+
+
+def _stow(destination: StowDestination, files: list[_File], timeout: float, *,
+          compressed: bool) -> list[SendResult]:
+    chosen = {f.path: f.variants[0] if compressed else f.variants[-1] for f in files}
     boundary = f"portico-{uuid.uuid4().hex}"
     head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
@@ -326,7 +384,7 @@ def _stow(destination: StowDestination, files: list[_File], timeout: float) -> l
     length = len(tail)
     for f in files:
         try:
-            size = f.path.stat().st_size
+            size = chosen[f.path].path.stat().st_size
         except OSError as exc:
             results[f.path] = _failed(f, f"cannot read: {exc}", permanent=True)
             continue
@@ -338,7 +396,7 @@ def _stow(destination: StowDestination, files: list[_File], timeout: float) -> l
     def body() -> Iterator[bytes]:
         for index, f in enumerate(readable):
             yield (b"\r\n" if index else b"") + head
-            with f.path.open("rb") as fh:
+            with chosen[f.path].path.open("rb") as fh:
                 while chunk := fh.read(1 << 20):
                     yield chunk
         yield tail
@@ -359,13 +417,14 @@ def _stow(destination: StowDestination, files: list[_File], timeout: float) -> l
     except urllib.error.HTTPError as exc:
         code, payload = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        unreachable = {f.path: _failed(f, f"STOW-RS unreachable: {exc}") for f in readable}
+        unreachable = {f.path: _failed(f, f"{_STOW_UNREACHABLE}: {exc}") for f in readable}
         return _in_order(files, results, unreachable)
     failed = _stow_failures(payload)
     outcome: dict[Path, SendResult] = {}
     for f in readable:
         if code == 200 or (code == 202 and f.sop_instance_uid not in failed):
-            outcome[f.path] = SendResult(f.path, f.sop_instance_uid, True, status=code)
+            outcome[f.path] = SendResult(f.path, f.sop_instance_uid, True, status=code,
+                                         transfer_syntax_uid=chosen[f.path].transfer_syntax_uid)
         elif code == 202 or code == 409:
             reason = failed.get(f.sop_instance_uid)
             outcome[f.path] = _failed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,6 +46,20 @@ class RouterSettings(BaseModel):
     tune_allocator: bool = True
 
 
+class Compression(StrEnum):
+    """Lossless compression of results on the way to a destination.
+
+    ``none`` sends every file as stored (uncompressed); safe for any receiver. ``jpeg-ls`` and
+    ``rle`` send 8/16-bit SEGs (FRACTIONAL, not the 1-bit BINARY ones) in JPEG-LS Lossless or RLE
+    Lossless when the destination accepts that transfer syntax, and the stored file when it does
+    not. Only lossless: the pixels and the SOP Instance UID stay the same.
+    """
+
+    NONE = "none"
+    JPEG_LS = "jpeg-ls"
+    RLE = "rle"
+
+
 class DimseDestination(BaseModel):
     """A C-STORE SCP that receives our results."""
 
@@ -59,6 +74,8 @@ class DimseDestination(BaseModel):
     max_pdu: Annotated[int, Field(ge=0)] = 262144
     #: also send Secondary Capture key images, for a PACS or viewer that cannot display a SEG
     secondary_capture: bool = False
+    #: lossless compression of SEGs offered to it, with the stored (uncompressed) file as fallback
+    compression: Compression = Compression.NONE
 
 
 class StowDestination(BaseModel):
@@ -71,6 +88,8 @@ class StowDestination(BaseModel):
     url: str = Field(pattern=r"^https?://")
     #: also send Secondary Capture key images, for a PACS or viewer that cannot display a SEG
     secondary_capture: bool = False
+    #: lossless compression of SEGs offered to it, with the stored (uncompressed) file as fallback
+    compression: Compression = Compression.NONE
 
 
 Destination = Annotated[DimseDestination | StowDestination, Field(discriminator="kind")]
