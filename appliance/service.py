@@ -35,7 +35,9 @@ class Service:
                            min_free_mb=settings.storage.min_free_mb)
         self.rules = load_rules(settings.rules_path)
         self.registry = ModelRegistry.from_settings(settings, audit=self.store.record)
-        self.sessions = SessionCache(intra_op_threads=settings.inference.intra_op_threads)
+        self.sessions = SessionCache(settings.inference.max_sessions, settings.inference.session_memory_mb * 2**20,
+                                     intra_op_threads=settings.inference.intra_op_threads,
+                                     cpu_memory_arena=settings.inference.cpu_memory_arena)
         self.handoff = HandOff(self.store, settings.router, self.rules)
         self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
         self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title)

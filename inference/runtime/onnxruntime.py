@@ -68,15 +68,19 @@ class OnnxRuntime(Runtime):
         Execution providers in order of preference.
     intra_op_threads
         Threads per operator; 0 lets ONNX Runtime decide.
+    cpu_memory_arena
+        Keep ONNX Runtime's CPU memory arena: about 10 % faster on the CPU, but the arena keeps every
+        batch's peak for good (about twice the resident memory).
     """
 
     def __init__(self, model_path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS, *,
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, cpu_memory_arena: bool = False) -> None:
         if not is_available():
             raise RuntimeUnavailableError("onnxruntime is not installed")
         self.model_path = Path(model_path)
         self.model_bytes = self.model_path.stat().st_size
         self.preferred = tuple(providers)
+        self.cpu_memory_arena = cpu_memory_arena
         self._session = self._create_session(intra_op_threads)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self._input_name: str = self._session.get_inputs()[0].name
@@ -97,7 +101,7 @@ class OnnxRuntime(Runtime):
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # ORT's own provider warnings go to stderr; we log instead
-        options.enable_cpu_mem_arena = False  # the arena keeps every batch's peak for good: ~2x RSS
+        options.enable_cpu_mem_arena = self.cpu_memory_arena
         available = available_providers()
         wanted = choose_providers(self.preferred, available)
         failure = ""
@@ -147,17 +151,18 @@ class SessionCache:
     max_bytes
         Budget for the summed model file sizes; ``None`` for no byte limit. The newest runtime is
         always kept, even when it alone exceeds the budget.
-    intra_op_threads
+    intra_op_threads, cpu_memory_arena
         Passed to every :class:`OnnxRuntime` created.
     """
 
     def __init__(self, max_sessions: int = 4, max_bytes: int | None = None, *,
-                 intra_op_threads: int = 0) -> None:
+                 intra_op_threads: int = 0, cpu_memory_arena: bool = False) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self.max_sessions = max_sessions
         self.max_bytes = max_bytes
         self.intra_op_threads = intra_op_threads
+        self.cpu_memory_arena = cpu_memory_arena
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[tuple[str, tuple[str, ...]], OnnxRuntime] = OrderedDict()
@@ -181,7 +186,8 @@ class SessionCache:
                 return runtime
             self.misses += 1
             # created under the lock so two workers never load the same model twice on a GPU
-            runtime = OnnxRuntime(package.model_path, providers, intra_op_threads=self.intra_op_threads)
+            runtime = OnnxRuntime(package.model_path, providers, intra_op_threads=self.intra_op_threads,
+                                  cpu_memory_arena=self.cpu_memory_arena)
             self._entries[key] = runtime
             self._evict()
             log.info("loaded %s on %s (%d session(s) cached)", package.ref, runtime.provider,

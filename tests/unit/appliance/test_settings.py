@@ -51,3 +51,22 @@ def test_destination_kinds_are_a_discriminated_union() -> None:
     assert [d.kind for d in s.dispatch.destinations] == ["dimse", "stow"]
     with pytest.raises(ValidationError):
         Settings(dispatch={"destinations": [{"kind": "ftp", "name": "x"}]})
+
+
+def test_session_budget_and_arena_reach_the_service_session_cache(tmp_path: Path) -> None:
+    from appliance.service import Service
+
+    (tmp_path / "rules.yaml").write_text("rules: []\n")
+    settings = Settings(storage={"data_dir": str(tmp_path / "var")},
+                        router={"rules_file": str(tmp_path / "rules.yaml")},
+                        inference={"models_dir": str(tmp_path / "models"), "max_sessions": 2,
+                                   "session_memory_mb": 300, "cpu_memory_arena": True})
+    service = Service(settings)
+    try:
+        assert service.sessions.max_sessions == 2
+        assert service.sessions.max_bytes == 300 * 2**20
+        assert service.sessions.cpu_memory_arena is True
+    finally:
+        service.store.close()
+    with pytest.raises(ValidationError):
+        Settings(inference={"max_sessions": 0})

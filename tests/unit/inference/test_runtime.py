@@ -221,3 +221,11 @@ def test_session_cache_key_is_the_package_hash(tmp_path: Path) -> None:
     assert package.package_hash == hashlib.sha256(manifest_bytes).hexdigest()
     with pytest.raises(ValueError):
         SessionCache(max_sessions=0)
+
+
+def test_cpu_memory_arena_is_a_choice_passed_to_every_session(tmp_path: Path) -> None:
+    package = tiny_package(tmp_path / "a")
+    lean = SessionCache().get(package, (CPU,))
+    fast = SessionCache(cpu_memory_arena=True).get(package, (CPU,))
+    assert lean._session.get_session_options().enable_cpu_mem_arena is False
+    assert fast._session.get_session_options().enable_cpu_mem_arena is True
