@@ -121,7 +121,7 @@ class SegType(StrEnum):
 
     ``binary``: one bit a voxel, from the (postprocessed) label map. ``fractional``: the model's
     per-segment probability, 0..255 for 0..1 (FRACTIONAL, PROBABILITY), resampled onto the
-    series' grid; voxels postprocessing removed from a segment carry probability 0 for it.
+    series' grid; voxels postprocessing made background carry probability 0 for every segment.
     """
 
     BINARY = "binary"

@@ -58,9 +58,9 @@ def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manife
     """Label map of ``hu`` and the probability of each manifest segment, both on ``hu``'s grid.
 
     The probabilities are (segments, z, y, x) uint8, ``round(255 * p)``, in manifest segment order;
-    off the model's grid they are resampled linearly. Where postprocessing took a voxel away from a
-    segment (a removed component), that segment's probability is 0; voxels it gave to a segment
-    (filled holes) keep the model's probability.
+    off the model's grid they are resampled linearly. Where postprocessing made a voxel background
+    (a removed component), every segment's probability is 0; where it took a voxel from a segment,
+    that segment's is. Voxels it gave to a segment (filled holes) keep the model's probabilities.
 
     Parameters
     ----------
@@ -119,8 +119,12 @@ def _segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, mode
     postprocess(labels, steps, spacing)
     if before is not None and probabilities is not None:
         for z in range(native[0]):  # per slice: the comparisons stay one slice big
+            changed = before[z] != labels[z]
+            if not changed.any():
+                continue
+            probabilities[:, z][:, changed & (labels[z] == 0)] = 0  # removed: background for every segment
             for i, label in enumerate(classes):
-                probabilities[i, z][(before[z] == label) & (labels[z] != label)] = 0
+                probabilities[i, z][changed & (before[z] == label)] = 0
     return labels, probabilities
 
 
