@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -25,7 +24,8 @@ from typing import Any
 from pydicom import dcmread
 
 from appliance.audit import AuditEvent, AuditRecord
-from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
+from appliance.durable import write_durably
+from dicom_router.ports import OutboxItem, ReceivedInstance, StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -312,31 +312,8 @@ class Store:
         return StoreOutcome.DUPLICATE
 
     def _write_durably(self, path: Path, data: bytes) -> None:
-        folder = path.parent
-        if self.min_free_bytes:
-            st = os.statvfs(self.data_dir)
-            if st.f_bavail * st.f_frsize < self.min_free_bytes + len(data):
-                raise SinkFullError("not enough free space in the data folder")
-        new_folder = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{threading.get_ident()}.tmp"
-        try:
-            with tmp.open("wb") as fh:
-                fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            if self.fsync:
-                _fsync_dir(folder)
-                if new_folder:
-                    _fsync_dir(folder.parent)
-                    _fsync_dir(folder.parent.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise SinkFullError("disk full") from exc
-            raise
+        write_durably(path, data, fsync=self.fsync, room_in=self.data_dir if self.min_free_bytes else None,
+                      min_free_bytes=self.min_free_bytes)
 
     def reindex(self) -> int:
         """Index every instance file that is on disk but not in the index (after a power loss).
@@ -640,10 +617,3 @@ class Store:
     def outbox(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM outbox ORDER BY id")]
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
