@@ -89,6 +89,16 @@ class Settings(BaseSettings):
         if (self.mode is Mode.PRODUCTION and self.api.enabled
                 and self.api.token.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS):
             raise ValueError("api.token is a placeholder; set a real secret (or mode: dev)")
+        for sender in self.router.stow_senders:
+            if (self.mode is Mode.PRODUCTION
+                    and sender.token.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS):
+                raise ValueError(f"router.stow_senders: {sender.name}'s token is a placeholder; set a real secret")
+        names = [s.name for s in self.router.stow_senders]
+        tokens = [s.token.get_secret_value() for s in self.router.stow_senders]
+        if len(set(names)) != len(names) or len(set(tokens)) != len(tokens):
+            raise ValueError("router.stow_senders: every sender needs its own name and its own token")
+        if self.api.token.get_secret_value() in tokens:
+            raise ValueError("router.stow_senders: a sender's token must differ from api.token")
         return self
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[^\\]*[^\\ ][^\\]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -25,6 +25,20 @@ class Peer(BaseModel):
     query_ae_title: AETitle | None = None
 
 
+class StowSender(BaseModel):
+    """A DICOMweb client allowed to send studies to us by STOW-RS (``POST /dicom-web/studies``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: recorded like a calling AE title; use the PACS's AE title, so that a ``peers`` entry of that
+    #: name can answer the completeness C-FIND for studies it sent this way
+    name: AETitle
+    #: its bearer token (``Authorization: Bearer …``); separate from the API's admin token
+    token: SecretStr
+    #: addresses it may connect from; exact IPs
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+
+
 class RouterSettings(BaseModel):
     """The C-STORE/C-ECHO listener and study assembly."""
 
@@ -41,6 +55,10 @@ class RouterSettings(BaseModel):
     #: how often the assembler looks at open studies
     poll_seconds: Annotated[float, Field(gt=0)] = 0.5
     rules_file: str = "rules.yaml"
+    #: DICOMweb senders (STOW-RS, served by the HTTP API when ``api.enabled``); empty means nobody
+    stow_senders: tuple[StowSender, ...] = ()
+    #: largest STOW-RS request body accepted, MB (a bigger one is answered 413)
+    stow_max_request_mb: Annotated[int, Field(ge=1)] = 2048
     #: raise glibc's malloc thresholds when the listener starts (see dicom_router.scp.tune_allocator):
     #: PDU-sized buffers are reused instead of page-faulted anew; process-wide
     tune_allocator: bool = True

@@ -1,7 +1,8 @@
 """The FastAPI application: routers, the token guard, and errors as ``{code, message, request_id}``.
 
-Secure by default: every route but ``/health`` needs ``Authorization: Bearer <api.token>``, and the
-interactive docs and OpenAPI schema are not served.
+Secure by default: every route but ``/health`` needs ``Authorization: Bearer <api.token>`` (STOW-RS
+under ``/dicom-web/`` a sender's own token instead), and the interactive docs and OpenAPI schema are
+not served.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from appliance.api import fl, models, review, status
+from appliance.api import fl, models, review, status, stow
 from appliance.api.auth import GuardMiddleware
 from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
@@ -35,11 +36,12 @@ def create_app(settings: Settings, store: Store, service: Service | None = None)
     """
     ctx = ApiContext(settings, store, service)
     app = FastAPI(title="Portico", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(GuardMiddleware, token=settings.api.token)
+    app.add_middleware(GuardMiddleware, token=settings.api.token, senders=settings.router.stow_senders)
     install_error_handlers(app)
     app.include_router(status.public_router())
     app.include_router(status.build_router(ctx))
     app.include_router(fl.build_router(ctx))
     app.include_router(models.build_router(ctx))
     app.include_router(review.build_router(ctx))
+    app.include_router(stow.build_router(ctx))
     return app

@@ -3,6 +3,9 @@
 Authentication is a middleware, not a per-route dependency, so a route added later is protected
 without anyone remembering to, and an unauthenticated caller learns nothing (not even which paths
 exist or how a body is validated). Only :data:`PUBLIC_PATHS` answer without a token.
+
+DICOMweb ingest (:data:`DICOMWEB_PREFIX`) has its own credentials: each STOW-RS sender's token, from
+that sender's addresses only. The admin token does not open it, and a sender's token opens nothing else.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from appliance.api.errors import REQUEST_ID_HEADER, error_response, new_request_id
+from dicom_router.settings import StowSender
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health"})
+DICOMWEB_PREFIX = "/dicom-web/"
 
 
 def token_matches(header: str | None, token: SecretStr) -> bool:
@@ -37,15 +42,25 @@ def token_matches(header: str | None, token: SecretStr) -> bool:
 class GuardMiddleware(BaseHTTPMiddleware):
     """Give each request an id, refuse it without the token, and turn crashes into a bare 500."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr) -> None:
+    def __init__(self, app: ASGIApp, token: SecretStr, senders: tuple[StowSender, ...] = ()) -> None:
         super().__init__(app)
         self._token = token
+        self._senders = senders
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         rid = new_request_id()
         request.state.request_id = rid
-        if request.url.path not in PUBLIC_PATHS and not token_matches(request.headers.get("authorization"),
-                                                                      self._token):
+        header = request.headers.get("authorization")
+        if request.url.path.startswith(DICOMWEB_PREFIX):
+            sender = next((s for s in self._senders if token_matches(header, s.token)), None)
+            client = request.client.host if request.client else ""
+            if sender is None or client not in sender.hosts:
+                log.warning("refused DICOMweb %s request from %s: %s (request %s)", request.method, client,
+                            "unknown token" if sender is None else f"{sender.name} not allowed from there", rid)
+                return error_response(401, "unauthorized", "a DICOMweb sender's bearer token is required", rid,
+                                      {"WWW-Authenticate": "Bearer"})
+            request.state.sender = sender.name
+        elif request.url.path not in PUBLIC_PATHS and not token_matches(header, self._token):
             log.warning("refused %s request without a valid token (request %s)", request.method, rid)
             return error_response(401, "unauthorized", "a valid bearer token is required", rid,
                                   {"WWW-Authenticate": "Bearer"})
