@@ -253,11 +253,15 @@ class Store:
         with self._tx() as db:
             self._audit(db, rec)
 
-    def audit_events(self, study_uid: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT ts, event, study_uid, job_id, actor, detail FROM audit"
-        rows = self._query(sql + " WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid else \
-            self._query(sql + " ORDER BY id")
-        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+    def audit_events(self, study_uid: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit rows, oldest first: all of them, or the ``limit`` most recent (of ``study_uid``, if given)."""
+        where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
+        sql = f"SELECT id, ts, event, study_uid, job_id, actor, detail FROM audit {where} ORDER BY id"
+        if limit is not None:  # the newest rows, without reading the whole (append-only, growing) table
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            params = (*params, limit)
+        rows = self._query(sql, params)
+        return [{k: r[k] for k in r.keys() if k != "id"} | {"detail": json.loads(r["detail"])} for r in rows]
 
     # ---- InstanceSink ------------------------------------------------------------------------
 

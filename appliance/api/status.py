@@ -96,7 +96,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/jobs/{job_id}")
     def job(job_id: int) -> JobOut:
-        found = next((j for j in ctx.store.jobs() if j.id == job_id), None)
+        found = ctx.store.job(job_id)
         if found is None:
             raise ApiError(404, "not_found", f"no job {job_id}")
         return JobOut.of(found)
@@ -105,7 +105,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def audit(study_uid: StudyUid = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditRow]:
         """The ``limit`` most recent rows, newest first."""
-        rows = ctx.store.audit_events(study_uid)[-limit:]
+        rows = ctx.store.audit_events(study_uid, limit)
         return [AuditRow(**r) for r in reversed(rows)]
 
     return router

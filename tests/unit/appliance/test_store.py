@@ -194,3 +194,13 @@ def test_reindex_restores_files_the_index_lost(tmp_path: Path) -> None:
     assert store.instance_count(written.study_instance_uid) == 2
     assert store.reindex() == 0
     store.close()
+
+
+def test_audit_limit_reads_only_the_newest_rows_oldest_first(store: Store) -> None:
+    from appliance.audit import AuditEvent, AuditRecord
+
+    for i in range(12):
+        store.record(AuditRecord(AuditEvent.SERVICE, "1.2.3" if i % 2 else None, detail={"n": i}))
+    assert [e["detail"]["n"] for e in store.audit_events(limit=3)] == [9, 10, 11]
+    assert [e["detail"]["n"] for e in store.audit_events("1.2.3", limit=2)] == [9, 11]
+    assert len(store.audit_events()) == 12 and "id" not in store.audit_events(limit=1)[0]
