@@ -256,12 +256,12 @@ class Store:
     def audit_events(self, study_uid: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Audit rows, oldest first: all of them, or the ``limit`` most recent (of ``study_uid``, if given)."""
         where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
-        sql = f"SELECT id, ts, event, study_uid, job_id, actor, detail FROM audit {where} ORDER BY id"
+        sql = f"SELECT * FROM audit {where} ORDER BY id"
         if limit is not None:  # the newest rows, without reading the whole (append-only, growing) table
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) ORDER BY id"
             params = (*params, limit)
-        rows = self._query(sql, params)
-        return [{k: r[k] for k in r.keys() if k != "id"} | {"detail": json.loads(r["detail"])} for r in rows]
+        return [{"ts": r["ts"], "event": r["event"], "study_uid": r["study_uid"], "job_id": r["job_id"],
+                 "actor": r["actor"], "detail": json.loads(r["detail"])} for r in self._query(sql, params)]
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
