@@ -145,7 +145,22 @@ class _ScaledFractional(hd.seg.Segmentation):
     highdicom 0.28 reads an integer array as binary masks (refusing values above 1) and scales its
     frames by ``max_fractional_value``; here the values are the stored ones. uint8 bounds them by
     0..255 = ``max_fractional_value``, so no check over the array is needed. Use only with such arrays.
+
+    Uncompressed, highdicom keeps a bytes copy of every frame and then joins them, so the pixel data
+    is held twice next to the input; here it encodes nothing and the frames (views of the input, in
+    highdicom's order) are joined once at the end. Compressed transfer syntaxes go highdicom's way.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._last_frame: NDArray[np.uint8] | None = None
+        self._native_frames: list[NDArray[np.uint8]] = []
+        super().__init__(*args, **kwargs)
+        if self._native_frames:
+            if len(self._native_frames) != int(self.NumberOfFrames):
+                raise RuntimeError("frames collected do not match the frames highdicom described")
+            data = b"".join(frame.data for frame in self._native_frames)
+            self.PixelData = data + b"\0" if len(data) % 2 else data
+        del self._last_frame, self._native_frames
 
     @classmethod
     def _check_and_cast_pixel_array(cls, pixel_array: Any, segment_numbers: Any, segmentation_type: Any,
@@ -158,11 +173,22 @@ class _ScaledFractional(hd.seg.Segmentation):
                    else hd.seg.SegmentsOverlapValues.UNDEFINED)
         return pixel_array, overlap
 
-    @staticmethod
-    def _get_segment_pixel_array(pixel_array: NDArray[np.uint8], segment_number: int, *args: Any,
-                                 **kwargs: Any) -> NDArray[np.uint8]:
-        plane: NDArray[np.uint8] = pixel_array[:, :, segment_number - 1]
+    # an instance method where highdicom has a static one: it notes the frame for _encode_pixels_native
+    def _get_segment_pixel_array(self, pixel_array: NDArray[np.uint8],  # type: ignore[override]
+                                 segment_number: int, *args: Any, **kwargs: Any) -> NDArray[np.uint8]:
+        # a view for (segments, z, y, x) input moved to (z, y, x, segments); a copy otherwise
+        plane: NDArray[np.uint8] = np.ascontiguousarray(pixel_array[:, :, segment_number - 1])
+        self._last_frame = plane
         return plane
+
+    def _encode_pixels_native(self, planes: NDArray[np.uint8]) -> bytes:
+        # called right after _get_segment_pixel_array for each frame highdicom keeps
+        frame = self._last_frame
+        if frame is None or frame.size != planes.size:
+            raise RuntimeError("highdicom encoded a frame this class did not prepare")
+        self._native_frames.append(frame)
+        self._last_frame = None
+        return b""
 
 
 def content_label(manifest: Manifest) -> str:

@@ -24,7 +24,7 @@ from inference.predict import segment, segment_with_probabilities, window
 from inference.results.seg import build_fractional_seg, build_seg
 from inference.runtime.onnxruntime import SessionCache
 from inference.settings import DeviceIdentity, InferenceSettings
-from inference.volume import Volume
+from inference.volume import Volume, load_series
 from tests.support.packages import make_package
 from tests.support.segs import ROOT, WHEN, SegFiles, seg_manifest, write_segs
 from tests.unit.inference.test_predict import Threshold, _ball, blobs, manifest
@@ -170,6 +170,31 @@ def test_fractional_seg_rejects_bad_probabilities(segs: SegFiles) -> None:
                              m, DEVICE, ROOT, "run")
     with pytest.raises(ValueError, match="shape"):
         build_fractional_seg(segs.volume, segs.probabilities[:2], m, DEVICE, ROOT, "run")
+
+
+def test_fractional_seg_on_a_multiframe_source(segs: SegFiles, tmp_path: Path) -> None:
+    datasets = [pydicom.dcmread(p) for p in reversed(sorted((segs.fractional.parent / "ct").glob("*.dcm")))]
+    multiframe = hd.legacy.LegacyConvertedEnhancedCTImage(datasets, pydicom.uid.generate_uid(), 3,
+                                                          pydicom.uid.generate_uid(), 1)
+    path = tmp_path / "mf.dcm"
+    multiframe.save_as(path, enforce_file_format=True)
+    volume = load_series([path])
+    # the phantom's z order may differ from the frames'; the probabilities follow the volume
+    order = [next(i for i, ds in enumerate(segs.volume.datasets)
+                  if ds.ImagePositionPatient == multiframe.PerFrameFunctionalGroupsSequence[f.frame - 1]
+                  .PlanePositionSequence[0].ImagePositionPatient) for f in volume.frames]
+    probabilities = np.ascontiguousarray(segs.probabilities[:, order])
+    seg = build_fractional_seg(volume, probabilities, seg_manifest(), DEVICE, ROOT, "mf")
+    back = hd.seg.segread(io.BytesIO(to_bytes(seg))).get_pixels_by_source_frame(
+        multiframe.SOPInstanceUID, [f.frame for f in volume.frames], rescale_fractional=False,
+        assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(back, np.moveaxis(probabilities, 0, -1))
+
+
+def to_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def tool(name: str) -> str:
