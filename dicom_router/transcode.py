@@ -71,10 +71,10 @@ def compressed_copy(path: Path, compression: Compression) -> Variant | None:
             return Variant(str(target), cached)
     except FileNotFoundError:
         pass
-    header = dcmread(path, stop_before_pixels=True, specific_tags=["BitsAllocated", "SamplesPerPixel"])
-    if header.get("BitsAllocated") not in (8, 16) or header.get("SamplesPerPixel", 1) != 1:
-        return None
     try:
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["BitsAllocated", "SamplesPerPixel"])
+        if header.get("BitsAllocated") not in (8, 16) or header.get("SamplesPerPixel", 1) != 1:
+            return None
         ds = dcmread(path)
         original = ds.PixelData
         ds.compress(target, encoding_plugin=_PLUGIN[target], generate_instance_uid=False)

@@ -94,6 +94,14 @@ def test_binary_seg_and_other_objects_are_left_alone(segs: SegFiles, tmp_path: P
     assert not applies("1.2.840.10008.5.1.4.1.1.7", ExplicitVRLittleEndian, Compression.JPEG_LS)  # SC
 
 
+def test_unreadable_file_is_a_transcode_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(b"not DICOM at all")
+    with pytest.raises(TranscodeError, match=r"broken\.dcm"):
+        compressed_copy(path, Compression.JPEG_LS)
+    assert not list(tmp_path.glob("broken.dcm.*"))
+
+
 def test_lossless_check_refuses_pixels_that_differ(fractional: Path) -> None:
     original = pydicom.dcmread(fractional).PixelData
     variant = compressed_copy(fractional, Compression.JPEG_LS)
