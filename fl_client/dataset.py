@@ -139,6 +139,10 @@ def read_index(path: Path) -> CohortIndex:
     return CohortIndex.model_validate(data)
 
 
+#: a FRACTIONAL SEG's voxel belongs to its most probable segment from this probability on
+FRACTIONAL_THRESHOLD = 0.5
+
+
 # ---- labels --------------------------------------------------------------------------------------
 
 def _code_key(code: Any) -> tuple[str, str]:
@@ -160,15 +164,31 @@ def seg_labels(seg_path: Path, volume: Volume, manifest: Manifest) -> NDArray[np
     if volume.is_multiframe:
         raise CohortError("multi-frame image series are not supported for training yet")
     uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=sorted(mapping), combine_segments=True,
-        relabel=False, assert_missing_frames_are_empty=True)
-    lut = np.zeros(max(mapping) + 1, np.uint8)
-    for number, label in mapping.items():
-        lut[number] = label
-    labels: NDArray[np.uint8] = lut[np.asarray(pixels, dtype=np.int64)]
+    labels: NDArray[np.uint8]
+    if seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        labels = _fractional_labels(seg, uids, mapping)
+    else:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=sorted(mapping), combine_segments=True,
+            relabel=False, assert_missing_frames_are_empty=True)
+        lut = np.zeros(max(mapping) + 1, np.uint8)
+        for number, label in mapping.items():
+            lut[number] = label
+        labels = lut[np.asarray(pixels, dtype=np.int64)]
     if labels.shape != volume.hu.shape:
         raise CohortError(f"SEG {seg_path.name} does not cover the series grid")
+    return labels
+
+
+def _fractional_labels(seg: hd.seg.Segmentation, uids: list[str], mapping: dict[int, int]) -> NDArray[np.uint8]:
+    """A FRACTIONAL SEG as a label map: each voxel gets its most probable segment, if at least 0.5."""
+    numbers = sorted(mapping)
+    fractions = np.asarray(seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False,
+        assert_missing_frames_are_empty=True, rescale_fractional=True), dtype=np.float32)
+    best = fractions.argmax(axis=-1)
+    labels = np.asarray([mapping[n] for n in numbers], np.uint8)[best]
+    labels[fractions.max(axis=-1) < FRACTIONAL_THRESHOLD] = 0
     return labels
 
 
