@@ -187,7 +187,7 @@ def _fractional_labels(seg: hd.seg.Segmentation, uids: list[str], mapping: dict[
         source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False,
         assert_missing_frames_are_empty=True, rescale_fractional=True), dtype=np.float32)
     best = fractions.argmax(axis=-1)
-    labels = np.asarray([mapping[n] for n in numbers], np.uint8)[best]
+    labels: NDArray[np.uint8] = np.asarray([mapping[n] for n in numbers], np.uint8)[best]
     labels[fractions.max(axis=-1) < FRACTIONAL_THRESHOLD] = 0
     return labels
 
