@@ -25,106 +25,13 @@ from pydicom import dcmread
 
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.durable import write_durably
+from appliance.store_schema import SCHEMA
 from dicom_router.ports import OutboxItem, ReceivedInstance, StoreOutcome
 
 log = logging.getLogger(__name__)
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    calling_ae TEXT NOT NULL,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    received_count INTEGER NOT NULL DEFAULT 0,
-    expected_count INTEGER,
-    run_version INTEGER NOT NULL DEFAULT 0,
-    open INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    run_version INTEGER
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid, series_uid);
-CREATE TABLE IF NOT EXISTS runs (
-    study_uid TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    created REAL NOT NULL,
-    reason TEXT NOT NULL,
-    instance_count INTEGER NOT NULL,
-    last_received REAL NOT NULL,
-    routed INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (study_uid, version)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    run_version INTEGER NOT NULL,
-    rule TEXT NOT NULL,
-    model TEXT NOT NULL,
-    model_version TEXT,
-    series_uid TEXT NOT NULL,
-    content_key TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    error TEXT,
-    provider TEXT,
-    package_hash TEXT,
-    timings TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE (study_uid, run_version, rule)
-);
-CREATE TABLE IF NOT EXISTS results (
-    sop_instance_uid TEXT PRIMARY KEY,
-    job_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    detail TEXT
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created REAL NOT NULL,
-    sent_at REAL,
-    UNIQUE (destination, sop_instance_uid)
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    event TEXT NOT NULL,
-    study_uid TEXT,
-    job_id INTEGER,
-    actor TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,
-    reason TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    path TEXT NOT NULL
-);
-"""
 
 
 class JobState(StrEnum):
