@@ -2,7 +2,7 @@
 
 Secure by default: every route but ``/health`` needs ``Authorization: Bearer <api.token>`` (STOW-RS
 under ``/dicom-web/`` a sender's own token instead), and the interactive docs and OpenAPI schema are
-not served.
+not served. The web dashboard's static files under ``/ui/`` are public to read; its data is not.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.web import build_router as web_router
 
 if TYPE_CHECKING:
     from appliance.service import Service
@@ -44,4 +45,5 @@ def create_app(settings: Settings, store: Store, service: Service | None = None)
     app.include_router(models.build_router(ctx))
     app.include_router(review.build_router(ctx))
     app.include_router(stow.build_router(ctx))
+    app.include_router(web_router())
     return app

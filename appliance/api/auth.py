@@ -2,7 +2,8 @@
 
 Authentication is a middleware, not a per-route dependency, so a route added later is protected
 without anyone remembering to, and an unauthenticated caller learns nothing (not even which paths
-exist or how a body is validated). Only :data:`PUBLIC_PATHS` answer without a token.
+exist or how a body is validated). Only :data:`PUBLIC_PATHS`, and ``GET`` of the web dashboard's static
+files (:func:`is_public`), answer without a token: the dashboard's data comes from the guarded routes.
 
 DICOMweb ingest (:data:`DICOMWEB_PREFIX`) has its own credentials: each STOW-RS sender's token, from
 that sender's addresses only. The admin token does not open it, and a sender's token opens nothing else.
@@ -25,7 +26,17 @@ from dicom_router.settings import StowSender
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health"})
+#: the web dashboard's files (and the redirects to it): public for reading only
+PUBLIC_GET_PATHS = frozenset({"/", "/ui"})
+PUBLIC_GET_PREFIX = "/ui/"
 DICOMWEB_PREFIX = "/dicom-web/"
+
+
+def is_public(method: str, path: str) -> bool:
+    """Whether ``method path`` answers without a token."""
+    if path in PUBLIC_PATHS:
+        return True
+    return method in ("GET", "HEAD") and (path in PUBLIC_GET_PATHS or path.startswith(PUBLIC_GET_PREFIX))
 
 
 def token_matches(header: str | None, token: SecretStr) -> bool:
@@ -60,7 +71,7 @@ class GuardMiddleware(BaseHTTPMiddleware):
                 return error_response(401, "unauthorized", "a DICOMweb sender's bearer token is required", rid,
                                       {"WWW-Authenticate": "Bearer"})
             request.state.sender = sender.name
-        elif request.url.path not in PUBLIC_PATHS and not token_matches(header, self._token):
+        elif not is_public(request.method, request.url.path) and not token_matches(header, self._token):
             log.warning("refused %s request without a valid token (request %s)", request.method, rid)
             return error_response(401, "unauthorized", "a valid bearer token is required", rid,
                                   {"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,335 @@
+// Portico dashboard: plain JavaScript over the appliance's JSON API.
+// The API token lives in sessionStorage only (this tab, until it closes) and travels in the
+// Authorization header, never in a URL. Text from the API goes into the page as text, never as HTML.
+"use strict";
+
+(function () {
+  const SESSION_KEY = "portico.session";
+  const $ = (id) => document.getElementById(id);
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      const code = (body && body.code) || "http_" + status;
+      const message = (body && body.message) || "the appliance answered HTTP " + status;
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.requestId = (body && body.request_id) || "";
+    }
+  }
+
+  function session() {
+    try {
+      const value = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+      return value && value.token ? value : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  async function api(path, options) {
+    const current = session();
+    if (!current) {
+      throw new ApiError(401, { code: "unauthorized", message: "please sign in" });
+    }
+    const init = Object.assign({ method: "GET", cache: "no-store", credentials: "omit" }, options || {});
+    init.headers = { Authorization: "Bearer " + current.token, Accept: "application/json" };
+    if (init.body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(init.body);
+    }
+    let response;
+    try {
+      response = await fetch(path, init);
+    } catch (e) {
+      throw new ApiError(0, { code: "network", message: "the appliance could not be reached" });
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = null;
+    }
+    if (!response.ok) {
+      throw new ApiError(response.status, body);
+    }
+    return body;
+  }
+
+  // --- notices -------------------------------------------------------------------------------
+
+  function showError(err) {
+    const box = $("error");
+    box.textContent = "";
+    const strong = document.createElement("strong");
+    strong.textContent = err.code ? "Error (" + err.code + "): " : "Error: ";
+    box.append(strong, document.createTextNode(err.message));
+    if (err.requestId) {
+      const small = document.createElement("small");
+      small.textContent = " Request id " + err.requestId + ".";
+      box.append(small);
+    }
+    box.hidden = false;
+    if (err.status === 401) {
+      signOut(false);
+    }
+  }
+
+  function clearNotices() {
+    $("error").hidden = true;
+    $("error").textContent = "";
+    $("confirmation").hidden = true;
+    $("confirmation").textContent = "";
+  }
+
+  function announce(text) {
+    $("confirmation").textContent = text;
+    $("confirmation").hidden = false;
+  }
+
+  // --- formatting ----------------------------------------------------------------------------
+
+  function shortUid(uid) {
+    return uid && uid.length > 12 ? "…" + uid.slice(-12) : uid || "";
+  }
+
+  function when(seconds) {
+    return seconds ? new Date(seconds * 1000).toLocaleString() : "";
+  }
+
+  function num(value, digits) {
+    return value === null || value === undefined || value === "" ? "–" : Number(value).toFixed(digits);
+  }
+
+  function cell(row, text, header) {
+    const td = document.createElement(header ? "th" : "td");
+    if (header) {
+      td.scope = "row";
+    }
+    td.textContent = text === null || text === undefined ? "" : String(text);
+    row.append(td);
+    return td;
+  }
+
+  function fillCounts(table, counts) {
+    const body = table.tBodies[0];
+    body.textContent = "";
+    const states = Object.keys(counts || {}).sort();
+    if (states.length === 0) {
+      const row = body.insertRow();
+      cell(row, "none", true).colSpan = 2;
+    }
+    for (const state of states) {
+      const row = body.insertRow();
+      cell(row, state, true);
+      cell(row, counts[state]);
+    }
+  }
+
+  // --- views ---------------------------------------------------------------------------------
+
+  async function loadStatus() {
+    const status = await api("/status");
+    $("instances").textContent = status.instances;
+    $("quarantined").textContent = status.quarantined;
+    fillCounts($("jobs-by-state"), status.jobs);
+    fillCounts($("outbox-by-state"), status.outbox);
+    const body = $("recent-jobs").tBodies[0];
+    body.textContent = "";
+    for (const job of status.recent_jobs.slice().reverse()) {
+      const row = body.insertRow();
+      cell(row, job.id, true);
+      cell(row, job.model);
+      cell(row, job.state).className = "state state-" + String(job.state).toLowerCase();
+      cell(row, job.provider || "");
+      cell(row, job.error || "");
+    }
+  }
+
+  function renderItem(detail) {
+    const item = $("queue-item").content.firstElementChild.cloneNode(true);
+    item.dataset.jobId = detail.job_id;
+    item.id = "review-" + detail.job_id;
+    const model = detail.model + (detail.model_version ? "@" + detail.model_version : "");
+    item.querySelector("h3").textContent = "Job " + detail.job_id + ": " + model;
+    const study = item.querySelector(".study");
+    study.textContent = shortUid(detail.study_uid);
+    study.title = "Study Instance UID " + detail.study_uid;
+    item.querySelector(".finished").textContent = when(detail.finished);
+    item.querySelector(".outbox").textContent = Object.entries(detail.outbox || {})
+      .map(([state, n]) => n + " " + state).join(", ") || "none";
+
+    const body = item.querySelector(".measurements tbody");
+    const rows = detail.measurements || [];
+    if (rows.length === 0) {
+      const row = body.insertRow();
+      cell(row, "No measurements in this result.", true).colSpan = 7;
+    }
+    for (const m of rows) {
+      const row = body.insertRow();
+      cell(row, m.name || "segment " + m.label, true);
+      cell(row, num(m.volume_ml, 1));
+      cell(row, num(m.mean, 1));
+      cell(row, num(m.stddev, 1));
+      cell(row, num(m.min, 0));
+      cell(row, num(m.max, 0));
+      cell(row, m.voxel_count === undefined ? "–" : m.voxel_count);
+    }
+
+    const reason = item.querySelector("textarea");
+    reason.id = "reason-" + detail.job_id;
+    item.querySelector("label").htmlFor = reason.id;
+    item.querySelector("form").addEventListener("submit", (event) => event.preventDefault());
+    item.querySelector(".approve").addEventListener("click", () => decide(item, "approve"));
+    item.querySelector(".reject").addEventListener("click", () => decide(item, "reject"));
+    item.querySelector(".approve").setAttribute("aria-label", "Approve job " + detail.job_id);
+    item.querySelector(".reject").setAttribute("aria-label", "Reject job " + detail.job_id);
+    return item;
+  }
+
+  async function loadQueue() {
+    const held = await api("/review?state=held");
+    const details = await Promise.all(held.map((r) => api("/review/" + encodeURIComponent(r.job_id))));
+    const list = $("queue-items");
+    list.textContent = "";
+    for (const detail of details) {
+      list.append(renderItem(detail));
+    }
+    $("queue-empty").hidden = details.length > 0;
+  }
+
+  async function decide(item, action) {
+    clearNotices();
+    const jobId = item.dataset.jobId;
+    const reason = item.querySelector("textarea").value.trim();
+    if (action === "reject" && !reason) {
+      showError({ code: "invalid_request", message: "a reason is required to reject job " + jobId + "." });
+      item.querySelector("textarea").focus();
+      return;
+    }
+    const buttons = item.querySelectorAll("button");
+    buttons.forEach((b) => { b.disabled = true; });
+    try {
+      const outcome = await api("/review/" + encodeURIComponent(jobId) + "/" + action, {
+        method: "POST",
+        body: { reviewer: session().reviewer, reason: reason, retrospective: false },
+      });
+      item.remove();
+      $("queue-empty").hidden = $("queue-items").children.length > 0;
+      announce(action === "approve"
+        ? "Job " + jobId + " approved: " + outcome.released + " result(s) released to PACS."
+        : "Job " + jobId + " rejected: " + outcome.cancelled + " result(s) cancelled; nothing was sent.");
+    } catch (err) {
+      buttons.forEach((b) => { b.disabled = false; });
+      showError(err);
+    }
+  }
+
+  async function loadReviewed() {
+    const all = await api("/review?state=all");
+    const decided = all.filter((r) => r.state === "APPROVED" || r.state === "REJECTED")
+      .sort((a, b) => (b.decided_at || 0) - (a.decided_at || 0));
+    const body = $("reviewed-table").tBodies[0];
+    body.textContent = "";
+    for (const r of decided) {
+      const row = body.insertRow();
+      cell(row, r.job_id, true);
+      cell(row, shortUid(r.study_uid)).title = "Study Instance UID " + r.study_uid;
+      cell(row, r.model + (r.model_version ? "@" + r.model_version : ""));
+      cell(row, r.state + (r.held ? "" : " (retrospective)")).className = "state state-" + r.state.toLowerCase();
+      cell(row, r.reviewer || "");
+      cell(row, r.reason || "");
+      cell(row, when(r.decided_at));
+    }
+    $("reviewed-table").hidden = decided.length === 0;
+    $("reviewed-empty").hidden = decided.length > 0;
+  }
+
+  const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed };
+
+  async function show(name) {
+    for (const view of Object.keys(VIEWS)) {
+      $("view-" + view).hidden = view !== name;
+    }
+    for (const tab of document.querySelectorAll("#tabs button")) {
+      if (tab.dataset.view === name) {
+        tab.setAttribute("aria-current", "page");
+      } else {
+        tab.removeAttribute("aria-current");
+      }
+    }
+    try {
+      await VIEWS[name]();
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  // --- signing in and out --------------------------------------------------------------------
+
+  function signedIn(current) {
+    $("sign-in").hidden = true;
+    $("tabs").hidden = false;
+    $("who").hidden = false;
+    $("who-name").textContent = "Signed in as " + current.reviewer;
+  }
+
+  function signOut(clear) {
+    sessionStorage.removeItem(SESSION_KEY);
+    for (const view of Object.keys(VIEWS)) {
+      $("view-" + view).hidden = true;
+    }
+    // nothing fetched with the old token stays on the page
+    $("queue-items").textContent = "";
+    for (const id of ["jobs-by-state", "outbox-by-state", "recent-jobs", "reviewed-table"]) {
+      $(id).tBodies[0].textContent = "";
+    }
+    $("instances").textContent = "";
+    $("quarantined").textContent = "";
+    $("tabs").hidden = true;
+    $("who").hidden = true;
+    $("sign-in").hidden = false;
+    $("token").value = "";
+    if (clear) {
+      clearNotices();
+    }
+  }
+
+  async function onSignIn(event) {
+    event.preventDefault();
+    clearNotices();
+    const token = $("token").value.trim();
+    const reviewer = $("reviewer").value.trim();
+    if (!token || !reviewer) {
+      showError({ code: "invalid_request", message: "enter the API token and your name." });
+      return;
+    }
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify({ token: token, reviewer: reviewer }));
+    try {
+      await api("/status");  // check the token before showing anything
+    } catch (err) {
+      showError(err);
+      sessionStorage.removeItem(SESSION_KEY);
+      return;
+    }
+    $("token").value = "";
+    signedIn(session());
+    await show("status");
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("sign-in-form").addEventListener("submit", onSignIn);
+    $("sign-out").addEventListener("click", () => signOut(true));
+    for (const tab of document.querySelectorAll("#tabs button")) {
+      tab.addEventListener("click", () => { clearNotices(); show(tab.dataset.view); });
+    }
+    for (const button of document.querySelectorAll("[data-refresh]")) {
+      button.addEventListener("click", () => { clearNotices(); show(button.dataset.refresh); });
+    }
+    const current = session();
+    if (current) {
+      signedIn(current);
+      show("status");
+    }
+  });
+})();
