@@ -183,14 +183,13 @@ def write_seconds(result: Any) -> float:
 
 
 def summary_seconds(paths: list[Path], result: Any, package: Any, settings: Any) -> float:
-    """The opt-in SC summary as :class:`appliance.jobs.JobRunner` makes it."""
-    from inference.results.summary import build_summary, labels_from_seg
-    from inference.volume import load_series
+    """The opt-in SC summary as :class:`appliance.jobs.JobRunner` makes it: from the volume and label map
+    the pipeline already holds (``paths`` is kept for the caller's symmetry)."""
+    from inference.results.summary import build_summary
 
     t0 = time.perf_counter()
-    volume = load_series(paths)
-    labels = labels_from_seg(result.seg, volume, package.manifest)
-    build_summary(volume, labels, result.measurements, package.manifest, settings.device, settings.uid_root, "bench")
+    build_summary(result.volume, result.labels, result.measurements, package.manifest, settings.device,
+                  settings.uid_root, "bench")
     return time.perf_counter() - t0
 
 
@@ -269,7 +268,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, float]], peers: list[d
         "| step | seconds |",
         "|---|---|",
         f"| write SEG + SR to bytes (`save_as`) | {med(extra['write'])} |",
-        f"| SC summary, opt-in (reload series, read the SEG back, render 3 key images) | {med(extra['summary'])} |",
+        f"| SC summary, opt-in (3 key images from the volume and label map in hand) | {med(extra['summary'])} |",
         "",
         "SEG encode against plain highdicom on the same label map, same run (after one untimed build, "
         "so no build pays pydicom's first access to the source headers):",

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.ingest import (  # noqa: E402
     CACHE,
+    Sample,
     ensure_study,
     free_port,
     proc_cpu,
@@ -52,17 +52,6 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 BOUNDARY = "portico-bench-boundary"
 TOKEN = "bench-sender-t0ken"
 RECEIVERS = ("portico", "orthanc")
-
-
-@dataclass
-class Sample:
-    receiver: str
-    instances: int
-    received: int
-    wall: float
-    cpu: float
-    rss_mb: float
-    bytes_sent: int
 
 
 def bodies(files: list[Path], per_request: int) -> list[bytes]:

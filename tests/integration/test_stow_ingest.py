@@ -20,19 +20,26 @@ from tests.support.polling import wait_for
 pytestmark = pytest.mark.slow
 
 SENDER_TOKEN = "orthanc-stow-t0ken"
+ADMIN_TOKEN = "admin-t0ken-stow-test"
 
 
-def test_orthanc_stows_a_study_and_gets_seg_and_sr_back(
-        tmp_path: Path, orthanc_factory: Callable[..., Pacs], portico_factory: Callable[..., Appliance]) -> None:
+def _pacs_stowing_to_portico(orthanc_factory: Callable[..., Pacs], portico_factory: Callable[..., Appliance],
+                             token: str) -> tuple[Pacs, Appliance]:
+    """Orthanc, and ``portico serve`` with its API; Portico registered in Orthanc as a DICOMweb server."""
     port, api_port = free_port(), free_port()
     pacs = orthanc_factory(port)
     portico = portico_factory(pacs.dicom_port, port=port, quiet_seconds=600, extra={
         "router": {"stow_senders": [{"name": "ORTHANC", "token": SENDER_TOKEN, "hosts": ["127.0.0.1"]}]},
-        "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": "admin-t0ken-stow-test"}})
+        "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": ADMIN_TOKEN}})
     wait_for(lambda: port_open(api_port), 30, 0.1, "Portico's HTTP API")
     pacs.standin.request("PUT", "/dicom-web/servers/portico", {
-        "Url": f"http://127.0.0.1:{api_port}/dicom-web/",
-        "HttpHeaders": {"Authorization": f"Bearer {SENDER_TOKEN}"}})
+        "Url": f"http://127.0.0.1:{api_port}/dicom-web/", "HttpHeaders": {"Authorization": f"Bearer {token}"}})
+    return pacs, portico
+
+
+def test_orthanc_stows_a_study_and_gets_seg_and_sr_back(
+        tmp_path: Path, orthanc_factory: Callable[..., Pacs], portico_factory: Callable[..., Appliance]) -> None:
+    pacs, portico = _pacs_stowing_to_portico(orthanc_factory, portico_factory, SENDER_TOKEN)
     paths = phantom_study(tmp_path / "study")
     study_id = pacs.upload(paths)
     pacs.standin.request("POST", "/dicom-web/servers/portico/stow", {"Resources": [study_id], "Synchronous": True})
@@ -57,15 +64,8 @@ def test_orthanc_stows_a_study_and_gets_seg_and_sr_back(
 
 def test_orthanc_with_a_wrong_token_stores_nothing(
         tmp_path: Path, orthanc_factory: Callable[..., Pacs], portico_factory: Callable[..., Appliance]) -> None:
-    port, api_port = free_port(), free_port()
-    pacs = orthanc_factory(port)
-    portico = portico_factory(pacs.dicom_port, port=port, quiet_seconds=600, extra={
-        "router": {"stow_senders": [{"name": "ORTHANC", "token": SENDER_TOKEN, "hosts": ["127.0.0.1"]}]},
-        "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": "admin-t0ken-stow-test"}})
-    wait_for(lambda: port_open(api_port), 30, 0.1, "Portico's HTTP API")
-    pacs.standin.request("PUT", "/dicom-web/servers/portico", {
-        "Url": f"http://127.0.0.1:{api_port}/dicom-web/",
-        "HttpHeaders": {"Authorization": "Bearer admin-t0ken-stow-test"}})  # the admin token is not a sender's
+    # the admin token is not a sender's
+    pacs, portico = _pacs_stowing_to_portico(orthanc_factory, portico_factory, ADMIN_TOKEN)
     study_id = pacs.upload(phantom_study(tmp_path / "study", slices=4))
     with pytest.raises(Exception, match="HTTP Error"):
         pacs.standin.request("POST", "/dicom-web/servers/portico/stow", {"Resources": [study_id],
