@@ -32,6 +32,7 @@ _HEADER_TAGS = [Tag(t) for t in _WANTED]
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
 _TAG = struct.Struct("<HH")
+_META_UIDS = {0x00020002: 0, 0x00020003: 1, 0x00020010: 2}
 
 
 class UnreadableHeader(Exception):
@@ -68,6 +69,39 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
         _element(0x00020016, b"AE", _text(source_ae_title, b" ")) if source_ae_title else b"",
     ))
     return PREAMBLE + _element(0x00020000, b"UL", _U32.pack(len(body))) + body
+
+
+
+def read_file_meta(data: bytes) -> tuple[str, str, str, int]:
+    """SOP class, SOP instance and transfer syntax from a Part 10 file's meta, and where its data set starts.
+
+    The meta group is always explicit VR little endian; it is walked element by element (group 0002)
+    rather than trusting its group length.
+
+    Raises
+    ------
+    UnreadableHeader
+        No ``DICM`` prefix, a damaged meta group, or one of the three UIDs missing.
+    """
+    if len(data) < len(PREAMBLE) or data[128:132] != b"DICM":
+        raise UnreadableHeader("not a DICOM Part 10 file (no DICM prefix)")
+    values = ["", "", ""]
+    pos = len(PREAMBLE)
+    while pos + 8 <= len(data) and _U16.unpack_from(data, pos)[0] == 0x0002:
+        tag = 0x00020000 | _U16.unpack_from(data, pos + 2)[0]
+        if data[pos + 4:pos + 6] in _LONG_VRS:
+            length, header = (_U32.unpack_from(data, pos + 8)[0] if pos + 12 <= len(data) else _UNDEFINED), 12
+        else:
+            length, header = _U16.unpack_from(data, pos + 6)[0], 8
+        if length == _UNDEFINED or pos + header + length > len(data):
+            raise UnreadableHeader("the file meta is damaged (an element runs past the end)")
+        if tag in _META_UIDS:
+            values[_META_UIDS[tag]] = data[pos + header:pos + header + length].decode("ascii", "replace").strip("\0 ")
+        pos += header + length
+    if not all(values):
+        raise UnreadableHeader("the file meta lacks a SOP Class, SOP Instance or Transfer Syntax UID",
+                               missing=True)
+    return values[0], values[1], values[2], pos
 
 
 class _Walk:

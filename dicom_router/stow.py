@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dicom_router.part10 import PREAMBLE, UnreadableHeader, file_meta, read_uids
+from dicom_router.part10 import UnreadableHeader, file_meta, read_file_meta, read_uids
 from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ FAILURE_DOES_NOT_MATCH = 0xA900
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_PROCESSING = 0x0110
 
-_META_UIDS = {0x00020002: 0, 0x00020003: 1, 0x00020010: 2}
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 _TYPE = re.compile(r'(?:^|;)\s*type\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
@@ -184,7 +182,8 @@ def store_instances(body: bytes, content_type: str, sink: InstanceSink, sender: 
 def _store_part(data: bytes, sink: InstanceSink, sender: str, peer: str, study_uid: str | None,
                 result: StowResult) -> None:
     try:
-        sop_class, sop_instance, transfer_syntax, dataset = _read_part10(data)
+        sop_class, sop_instance, transfer_syntax, offset = read_file_meta(data)
+        dataset = data[offset:]
         sop_class_in, sop_instance_in, study, series = read_uids(dataset, transfer_syntax)
     except UnreadableHeader as exc:
         _refuse(result, sink, data, None, None, FAILURE_CANNOT_UNDERSTAND, exc.reason, sender, peer)
@@ -223,31 +222,3 @@ def _refuse(result: StowResult, sink: InstanceSink, data: bytes, sop_class: str 
         log.error("STOW-RS from %s: part refused (%s); quarantine full", sender, message)
         reason = FAILURE_OUT_OF_RESOURCES
     result.failed.append(Failure(sop_class, sop_instance, reason, message))
-
-
-def _read_part10(data: bytes) -> tuple[str, str, str, bytes]:
-    """SOP class, SOP instance and transfer syntax from the file meta, and the data set's bytes.
-
-    The meta group is always explicit VR little endian; it is walked element by element (group 0002)
-    rather than trusting its group length.
-    """
-    if len(data) < len(PREAMBLE) or data[128:132] != b"DICM":
-        raise UnreadableHeader("not a DICOM Part 10 file (no DICM prefix)")
-    values: list[str] = ["", "", ""]
-    pos = len(PREAMBLE)
-    while pos + 8 <= len(data) and int.from_bytes(data[pos:pos + 2], "little") == 0x0002:
-        tag = 0x00020000 | int.from_bytes(data[pos + 2:pos + 4], "little")
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            length, header = int.from_bytes(data[pos + 8:pos + 12], "little"), 12
-        else:
-            length, header = int.from_bytes(data[pos + 6:pos + 8], "little"), 8
-        if length == 0xFFFFFFFF or pos + header + length > len(data):
-            raise UnreadableHeader("the file meta is damaged (an element runs past the end)")
-        if tag in _META_UIDS:
-            values[_META_UIDS[tag]] = data[pos + header:pos + header + length].decode("ascii", "replace").strip("\0 ")
-        pos += header + length
-    if not all(values):
-        raise UnreadableHeader("the file meta lacks a SOP Class, SOP Instance or Transfer Syntax UID",
-                               missing=True)
-    return values[0], values[1], values[2], data[pos:]
