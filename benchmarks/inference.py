@@ -20,11 +20,9 @@ back + render 3 key images) as the job runner does it.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.markdown import write_section  # noqa: E402
+from benchmarks.markdown import run_context, write_section  # noqa: E402
 
 CACHE = Path(os.environ.get("PORTICO_BENCH_CACHE", Path(tempfile.gettempdir()) / "portico-bench"))
 PACKAGE = REPO / "models" / "ct-body-composition"
@@ -339,12 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         del volume, result
         sys.stderr.write(f"rep {rep + 1}: end to end {stages['end_to_end']:.2f} s, ORT {stages['ort']:.2f} s\n")
     rss = peak_rss(args.rss_slices) if args.rss_slices else None
-    env = {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
-        "provider": runtime.provider, "ort": onnxruntime.__version__, "session_load": f"{session_load:.2f}",
-        "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
-    }
+    env = {**run_context(load_before), "provider": runtime.provider, "ort": onnxruntime.__version__,
+           "session_load": f"{session_load:.2f}"}
     text = report(args, runs, peers, extra, rss, env)
     sys.stdout.write(text + "\n")
     if not args.no_write:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import platform
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -23,3 +26,12 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS) -> Path:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new, encoding="utf-8")
     return path
+
+
+def run_context(load_before: float) -> dict[str, str]:
+    """When and where a benchmark ran, for its section's first line: date, machine, load average."""
+    return {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
+        "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
+    }

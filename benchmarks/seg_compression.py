@@ -19,11 +19,9 @@ Memory: a fresh process runs ``run_segmentation`` with the demo package switched
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.inference import PACKAGE, ensure_series, status_kb  # noqa: E402
-from benchmarks.markdown import write_section  # noqa: E402
+from benchmarks.markdown import run_context, write_section  # noqa: E402
 
 ROOT = "1.2.826.0.1.3680043.8.498."
 
@@ -241,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                                   str(fractional_package(folder))], capture_output=True, text=True, check=True,
                                  cwd=REPO)
             rss = json.loads(run.stdout.strip().splitlines()[-1])
-    env = {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
-        "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
-    }
+    env = run_context(load_before)
     text = report(args, runs, inference_s, peer, rss, env)
     sys.stdout.write(text + "\n")
     if not args.no_write:
