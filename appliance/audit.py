@@ -11,6 +11,8 @@ class AuditEvent(StrEnum):
     RECEIVED = "received"
     DUPLICATE = "duplicate"
     QUARANTINED = "quarantined"
+    #: a STOW-RS sender's quarantine budget is spent: its bad parts are refused and not kept (once per episode)
+    QUARANTINE_BUDGET_SPENT = "quarantine_budget_spent"
     STUDY_COMPLETE = "study_complete"
     ROUTED = "routed"
     NO_MATCH = "no_match"
@@ -24,6 +26,8 @@ class AuditEvent(StrEnum):
     DISPATCH_FAILED = "dispatch_failed"
     MODEL_LOADED = "model_loaded"
     SERVICE = "service"
+    #: connections the DICOM listener's edge refused, counted per (reason, address) and window
+    CONNECTIONS_REFUSED = "connections_refused"
     FL_ENROLLED = "fl_enrolled"
     FL_CLIENT = "fl_client"
     FL_JOB_WAITING = "fl_job_waiting"

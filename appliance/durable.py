@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -44,6 +46,60 @@ def write_durably(path: Path, data: bytes, *, fsync: bool = True, room_in: Path 
         if exc.errno in (28, 122):  # ENOSPC, EDQUOT
             raise SinkFullError("disk full") from exc
         raise
+
+
+def move_durably(source: Path, path: Path, *, fsync: bool = True) -> None:
+    """Move the finished file ``source`` to ``path``; with ``fsync``, durably (file, its new folder, new parents).
+
+    A rename when both are on one file system (the spool is inside the data folder), else a copy.
+
+    Raises
+    ------
+    SinkFullError
+        When the disk or quota is full.
+    """
+    folder = path.parent
+    new_folder = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if fsync:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        try:
+            os.replace(source, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(source, path, fsync=fsync)
+        if fsync:
+            fsync_dir(folder)
+            if new_folder:
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+    except OSError as exc:
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise SinkFullError("disk full") from exc
+        raise
+
+
+def _copy_across(source: Path, path: Path, *, fsync: bool) -> None:
+    tmp = path.parent / f".{path.name}.{threading.get_ident()}.tmp"
+    try:
+        shutil.copyfile(source, tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    source.unlink()
 
 
 def fsync_dir(folder: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +17,10 @@ from pydicom import dcmread
 
 from appliance.store import Run, Store
 from dicom_router.assembly import count_study_instances, is_complete
+from dicom_router.errors import TlsConfigError
 from dicom_router.rules import RuleSet, SeriesHeaders, StudyHeaders
-from dicom_router.settings import Peer, RouterSettings
+from dicom_router.settings import Peer, RouterSettings, TlsMode
+from dicom_router.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,29 @@ class HandOff:
     settings: RouterSettings
     rules: RuleSet
     _last_query: dict[str, float] = field(default_factory=dict)
+    #: the client context for C-FIND to peers with ``tls: required``, built on first use
+    _tls_context: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+    _tls_error: str | None = field(default=None, init=False, repr=False)
 
     def _peer(self, ae_title: str) -> Peer | None:
         return next((p for p in self.settings.peers if p.ae_title == ae_title), None)
+
+    def _count(self, peer: Peer, study_uid: str) -> int | None:
+        context = None
+        if peer.tls is TlsMode.REQUIRED:
+            if self._tls_context is None:
+                try:
+                    self._tls_context = client_context(self.settings.tls)
+                except TlsConfigError as exc:
+                    if str(exc) != self._tls_error:  # once per distinct problem, not every tick
+                        log.warning("no C-FIND to %s (TLS configuration: %s); completing on the quiet timer",
+                                    peer.ae_title, exc)
+                    self._tls_error = str(exc)
+                    return None
+            context = self._tls_context
+        return count_study_instances(peer, self.settings.ae_title, study_uid, timeout=5.0,
+                                     tls=self.settings.tls, context=context,
+                                     event_driven=self.settings.event_driven)
 
     def tick(self, now: float | None = None) -> list[Run]:
         """Hand off every complete study and route every unrouted run; returns the runs routed."""
@@ -47,7 +70,7 @@ class HandOff:
                     and (expected is None or study.received_count < expected)
                     and now - self._last_query.get(study.study_uid, 0.0) >= QUERY_INTERVAL_SECONDS):
                 self._last_query[study.study_uid] = now
-                counted = count_study_instances(peer, self.settings.ae_title, study.study_uid, timeout=5.0)
+                counted = self._count(peer, study.study_uid)
                 if counted is not None and counted != expected:
                     self.store.set_expected_count(study.study_uid, counted)
                     expected = counted

@@ -2,6 +2,10 @@
 
 Orthanc's DICOM server listens on every address (Debian's 1.10 has no bind option); we only ever
 send to it on loopback. ``TCP_NODELAY=1`` in its environment avoids a 40x delayed-ACK stall.
+
+With ``tls`` set its DICOM port speaks DICOM TLS only (Orthanc 1.10: ``DicomTlsEnabled`` and friends;
+there is no second, plain port), and its own associations to ``modalities`` use TLS when
+``tls.modalities`` is set (``UseDicomTls`` in the object form of ``DicomModalities``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,20 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TEMPLATE = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """DICOM TLS for an :class:`OrthancStandIn` (PEM files)."""
+
+    certificate: Path
+    private_key: Path
+    #: certificates (or their CAs) that a remote must present; Orthanc verifies against these
+    trusted: Path
+    #: refuse remotes without a certificate (``DicomTlsRemoteCertificateRequired``)
+    remote_certificate_required: bool = True
+    #: Orthanc's own associations to its modalities use TLS too (``UseDicomTls``)
+    modalities: bool = False
+
+
 @dataclass
 class OrthancStandIn:
     """One Orthanc process with its own storage folder and ports."""
@@ -36,6 +54,8 @@ class OrthancStandIn:
     ae_title: str = "ORTHANC"
     #: name → (AE title, host, port) of the nodes Orthanc may send to
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    #: DICOM TLS on Orthanc's DICOM port (TLS only); None: plain, as before
+    tls: OrthancTls | None = None
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,6 +75,18 @@ class OrthancStandIn:
             "DicomModalities": {name: list(node) for name, node in self.modalities.items()},
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
         })
+        if self.tls is not None:
+            cfg.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.certificate),
+                "DicomTlsPrivateKey": str(self.tls.private_key),
+                "DicomTlsTrustedCertificates": str(self.tls.trusted),
+                "DicomTlsRemoteCertificateRequired": self.tls.remote_certificate_required,
+            })
+            if self.tls.modalities:
+                cfg["DicomModalities"] = {
+                    name: {"AET": aet, "Host": host, "Port": port, "UseDicomTls": True}
+                    for name, (aet, host, port) in self.modalities.items()}
         return cfg
 
     def start(self, timeout: float = 60.0) -> None:

@@ -18,6 +18,7 @@ from appliance.models import ModelRegistry
 from appliance.settings import Settings
 from appliance.store import Store
 from dicom_router.dispatch import Dispatcher
+from dicom_router.edge import RefusalCount
 from dicom_router.rules import load_rules
 from dicom_router.scp import StorageSCP
 from fl_client.errors import NotEnrolledError
@@ -40,8 +41,9 @@ class Service:
                                      cpu_memory_arena=settings.inference.cpu_memory_arena)
         self.handoff = HandOff(self.store, settings.router, self.rules)
         self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
-        self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title)
-        self.scp = StorageSCP(settings.router, self.store)
+        self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title, tls=settings.router.tls,
+                                     event_driven=settings.router.event_driven)
+        self.scp = StorageSCP(settings.router, self.store, report_refusals=self._audit_refusals)
         self.fl = build_supervisor(settings, self.store) if settings.fl.enabled else None
         self._stop = threading.Event()
         self._wake_jobs = threading.Event()
@@ -77,6 +79,12 @@ class Service:
                 log.error("the API cannot listen on %s:%d; stopping", self.settings.api.host, self.settings.api.port)
                 self.stop()
                 raise
+
+    def _audit_refusals(self, counts: list[RefusalCount]) -> None:
+        for item in counts:
+            self.store.record(AuditRecord(AuditEvent.CONNECTIONS_REFUSED, actor=item.address, detail={
+                "reason": item.reason.value, "count": item.count, "description": item.description,
+                "first": item.detail}))
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)

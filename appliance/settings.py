@@ -5,16 +5,18 @@ Environment variables override the file; nested keys use ``__`` (``PORTICO_ROUTE
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from dicom_router.settings import DispatchSettings, RouterSettings
+from dicom_router.settings import DispatchSettings, RouterSettings, StowDestination
 from fl_client.settings import FLSettings
 from inference.settings import InferenceSettings
 
@@ -38,6 +40,19 @@ class StorageSettings(BaseModel):
     fsync: bool = True
 
 
+class ApiTlsSettings(BaseModel):
+    """HTTPS for the API, the dashboard and STOW-RS ingest (TLS 1.2 or later)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: PEM file: our certificate, then any intermediate CA certificates
+    certificate: str = Field(min_length=1)
+    #: PEM file: its private key, unencrypted (keep it readable by the appliance only)
+    private_key: str = Field(min_length=1)
+    #: PEM file of the CA(s) that issue client certificates; when set, every client needs one
+    client_ca: str | None = Field(default=None, min_length=1)
+
+
 class ApiSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +60,36 @@ class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8042
     token: SecretStr = SecretStr("change-me")
+    #: serve HTTPS; none: plain HTTP
+    tls: ApiTlsSettings | None = None
+    #: plain HTTP from a reverse proxy that terminates TLS: its ``X-Forwarded-For`` and
+    #: ``X-Forwarded-Proto`` are believed, from ``proxy_addresses`` only
+    behind_tls_proxy: bool = False
+    #: the proxy's addresses (IPs or networks); required with ``behind_tls_proxy``
+    proxy_addresses: tuple[str, ...] = ()
+
+    @field_validator("proxy_addresses")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            try:
+                ipaddress.ip_network(address)
+            except ValueError:
+                raise ValueError(f"{address!r} is not an IP address or network") from None
+        return value
+
+    @model_validator(mode="after")
+    def _proxy(self) -> ApiSettings:
+        if self.behind_tls_proxy and not self.proxy_addresses:
+            raise ValueError("api.behind_tls_proxy needs api.proxy_addresses: the proxy's IP addresses")
+        if self.proxy_addresses and not self.behind_tls_proxy:
+            raise ValueError("api.proxy_addresses is set but api.behind_tls_proxy is false")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when we serve TLS ourselves, else ``http``."""
+        return "http" if self.tls is None else "https"
 
 
 class JobSettings(BaseModel):
@@ -101,6 +146,23 @@ class Settings(BaseSettings):
             raise ValueError("router.stow_senders: a sender's token must differ from api.token")
         return self
 
+    @model_validator(mode="after")
+    def _no_clear_text_beyond_loopback(self) -> Settings:
+        if self.mode is not Mode.PRODUCTION:
+            return self
+        api = self.api
+        if api.enabled and api.tls is None and not api.behind_tls_proxy and not is_loopback(api.host):
+            raise ValueError(f"api.host {api.host} is beyond this machine and the API would speak plain HTTP: "
+                             "set api.tls (certificate, private_key), or, behind a reverse proxy that terminates "
+                             "TLS, api.behind_tls_proxy: true with api.proxy_addresses")
+        for destination in self.dispatch.destinations:
+            if not isinstance(destination, StowDestination) or destination.auth is None:
+                continue
+            if destination.url.startswith("http://") and not is_loopback(urlsplit(destination.url).hostname or ""):
+                raise ValueError(f"dispatch.destinations: {destination.name} would send its credentials over "
+                                 "plain HTTP; use an https:// url")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -126,6 +188,16 @@ class Settings(BaseSettings):
         return Path(self.inference.models_dir).resolve()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only; ``0.0.0.0`` is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Load ``path`` (or ``$PORTICO_CONFIG``, or ``./portico.yaml`` when present) plus environment.
 
@@ -144,10 +216,41 @@ def load_settings(path: Path | None = None) -> Settings:
     return Settings(**data)
 
 
+#: path settings taken relative to the config file; ``*`` is every item of a list
+PATH_SETTINGS: tuple[tuple[str, ...], ...] = (
+    ("storage", "data_dir"),
+    ("router", "rules_file"),
+    ("inference", "models_dir"),
+    ("router", "tls", "certificate"),
+    ("router", "tls", "private_key"),
+    ("router", "tls", "ca_bundle"),
+    ("dispatch", "destinations", "*", "ca_bundle"),
+    ("dispatch", "destinations", "*", "auth", "secret_file"),
+    ("api", "tls", "certificate"),
+    ("api", "tls", "private_key"),
+    ("api", "tls", "client_ca"),
+)
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the known path settings absolute relative to the config file's folder."""
-    for section, key in (("storage", "data_dir"), ("router", "rules_file"), ("inference", "models_dir")):
-        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute():
-            data[section][key] = str(base / value)
+    for keys in PATH_SETTINGS:
+        _resolve_path(data, keys, base)
     return data
+
+
+def _resolve_path(node: Any, keys: tuple[str, ...], base: Path) -> None:
+    # anything not shaped as expected is left alone for validation to report
+    if not keys:
+        return
+    key, rest = keys[0], keys[1:]
+    if key == "*":
+        for item in node if isinstance(node, list) else ():
+            _resolve_path(item, rest, base)
+        return
+    if not isinstance(node, dict) or key not in node:
+        return
+    if rest:
+        _resolve_path(node[key], rest, base)
+    elif isinstance(node[key], str) and node[key] and not Path(node[key]).is_absolute():
+        node[key] = str(base / node[key])

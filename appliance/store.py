@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import os
 import sqlite3
 import threading
 import time
@@ -24,13 +24,15 @@ from typing import Any
 from pydicom import dcmread
 
 from appliance.audit import AuditEvent, AuditRecord
-from appliance.durable import write_durably
+from appliance.durable import move_durably, write_durably
 from appliance.store_schema import SCHEMA
-from dicom_router.ports import OutboxItem, ReceivedInstance, StoreOutcome
+from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
+from dicom_router.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: a spool file this old belongs to no request any more (a crash mid-request left it)
+STALE_SPOOL_SECONDS = 24 * 3600
 
 
 
@@ -105,8 +107,11 @@ class Store:
         self.instances_dir = data_dir / "instances"
         self.results_dir = data_dir / "results"
         self.quarantine_dir = data_dir / "quarantine"
-        for folder in (self.instances_dir, self.results_dir, self.quarantine_dir):
+        #: STOW-RS parts on their way in (SpoolingSink); inside the data folder, so taking one over is a rename
+        self.spool_dir = data_dir / "spool"
+        for folder in (self.instances_dir, self.results_dir, self.quarantine_dir, self.spool_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(self.spool_dir)
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._lock = threading.RLock()
@@ -173,8 +178,34 @@ class Store:
     # ---- InstanceSink ------------------------------------------------------------------------
 
     def store(self, instance: ReceivedInstance) -> StoreOutcome:
+        known = self._already_held(instance)
+        if known is not None:
+            return known
+        path = self._instance_path(instance)
+        self._write_durably(path, instance.data)
+        return self._index(instance, path, len(instance.data))
+
+    def store_file(self, instance: ReceivedInstance, path: Path) -> StoreOutcome:
+        """:meth:`store` for a Part 10 file in :attr:`spool_dir` (``SpoolingSink``): moved in, not copied.
+
+        On ``STORED`` the file is gone from the spool; otherwise the caller removes what is left.
+        """
+        known = self._already_held(instance)
+        if known is not None:
+            return known
+        if self.min_free_bytes:  # the bytes are on the disk already: only the margin is checked
+            st = os.statvfs(self.data_dir)
+            if st.f_bavail * st.f_frsize < self.min_free_bytes:
+                raise SinkFullError("not enough free space in the data folder")
+        target = self._instance_path(instance)
+        move_durably(path, target, fsync=self.fsync)
+        return self._index(instance, target, target.stat().st_size)
+
+    def _already_held(self, instance: ReceivedInstance) -> StoreOutcome | None:
+        """``DUPLICATE`` for an instance already held (or one of our own results echoed back), else ``None``."""
+        # the same check as the header reader's: a UID it accepts is never refused here
         for uid in (instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid):
-            if not UID_RE.match(uid) or len(uid) > 64:
+            if not is_valid_uid(uid):
                 raise ValueError("invalid UID in dataset")
         if self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
             self.record(AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
@@ -182,16 +213,20 @@ class Store:
             return StoreOutcome.DUPLICATE
         if self._query("SELECT 1 FROM results WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
             return self._own_result_echoed(instance)
+        return None
+
+    def _instance_path(self, instance: ReceivedInstance) -> Path:
         folder = self.instances_dir / instance.study_instance_uid / instance.series_instance_uid
-        path = folder / f"{instance.sop_instance_uid}.dcm"
-        self._write_durably(path, instance.data)
+        return folder / f"{instance.sop_instance_uid}.dcm"
+
+    def _index(self, instance: ReceivedInstance, path: Path, size: int) -> StoreOutcome:
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, "
                 "transfer_syntax, path, size, received_at) VALUES (?,?,?,?,?,?,?,?)",
                 (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid,
-                 instance.sop_class_uid, instance.transfer_syntax_uid, str(path), len(instance.data), now),
+                 instance.sop_class_uid, instance.transfer_syntax_uid, str(path), size, now),
             )
             if cur.rowcount == 0:
                 return StoreOutcome.DUPLICATE
@@ -266,6 +301,16 @@ class Store:
         qid = uuid.uuid4().hex
         path = self.quarantine_dir / f"{qid}.dcm"
         self._write_durably(path, data)
+        return self._quarantined(qid, path, reason, calling_ae_title, peer_address)
+
+    def quarantine_file(self, path: Path, reason: str, calling_ae_title: str, peer_address: str) -> str:
+        """:meth:`quarantine` for a file in :attr:`spool_dir` (``SpoolingSink``): moved, not copied."""
+        qid = uuid.uuid4().hex
+        target = self.quarantine_dir / f"{qid}.dcm"
+        move_durably(path, target, fsync=self.fsync)
+        return self._quarantined(qid, target, reason, calling_ae_title, peer_address)
+
+    def _quarantined(self, qid: str, path: Path, reason: str, calling_ae_title: str, peer_address: str) -> str:
         with self._tx() as db:
             db.execute("INSERT INTO quarantine (id, ts, reason, calling_ae, peer, path) VALUES (?,?,?,?,?,?)",
                        (qid, time.time(), reason, calling_ae_title, peer_address, str(path)))
@@ -528,3 +573,13 @@ class Store:
     def outbox(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM outbox ORDER BY id")]
 
+
+def _sweep_stale(spool: Path) -> None:
+    """Remove spool files no request can still own (left by a crash mid-request)."""
+    cutoff = time.time() - STALE_SPOOL_SECONDS
+    for entry in spool.iterdir():
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                entry.unlink()
+        except OSError:  # another process swept it first, or it is not ours to remove
+            continue

@@ -8,6 +8,7 @@ the PACS says the study has (``NumberOfStudyRelatedInstances``), or else when no
 from __future__ import annotations
 
 import logging
+import ssl
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -15,9 +16,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicom_router.errors import TlsConfigError
 from dicom_router.reactor import request_association
 from dicom_router.scp import quiet_pynetdicom, short_uid
-from dicom_router.settings import Peer
+from dicom_router.settings import DicomTlsSettings, Peer, TlsMode
+from dicom_router.tls import association_failure, client_context, describe_tls_error
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,8 +49,15 @@ def is_complete(received: int, last_received: float, now: float, quiet_seconds: 
     return now - last_received >= quiet_seconds
 
 
-def count_study_instances(peer: Peer, our_ae: str, study_uid: str, timeout: float) -> int | None:
+def count_study_instances(peer: Peer, our_ae: str, study_uid: str, timeout: float, *,
+                          tls: DicomTlsSettings | None = None,
+                          context: ssl.SSLContext | None = None, event_driven: bool = True) -> int | None:
     """Ask ``peer`` (C-FIND, Study Root, STUDY level) how many instances ``study_uid`` has.
+
+    With ``peer.tls`` required the query goes over TLS: ``context`` when given (a caller asking often
+    builds it once with :func:`~dicom_router.tls.client_context`), else one built from ``tls``
+    (``router.tls``: our client certificate and CAs); the peer's certificate must carry
+    ``query_host``. ``event_driven`` is ``router.event_driven`` (false: pynetdicom's own reactor).
 
     Returns ``None`` when the peer has no query address, refuses, fails, or does not say.
     """
@@ -55,6 +65,13 @@ def count_study_instances(peer: Peer, our_ae: str, study_uid: str, timeout: floa
         LOGGER.debug("peer %s has no query address; study %s completes on the quiet timer",
                      peer.ae_title, short_uid(study_uid))
         return None
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if peer.tls is TlsMode.REQUIRED:
+        try:
+            tls_args = (context or client_context(tls), peer.query_host)
+        except TlsConfigError as exc:
+            LOGGER.warning("C-FIND to %s not tried, TLS configuration: %s", peer.ae_title, exc)
+            return None
     quiet_pynetdicom()
     ae = AE(ae_title=our_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -65,14 +82,15 @@ def count_study_instances(peer: Peer, our_ae: str, study_uid: str, timeout: floa
     query.StudyInstanceUID = study_uid
     query.NumberOfStudyRelatedInstances = None
     try:
-        assoc = request_association(ae, peer.query_host, peer.query_port, called, 0)
+        assoc = request_association(ae, peer.query_host, peer.query_port, called, 0, tls=tls_args,
+                                    event_driven=event_driven)
     except Exception as exc:  # pynetdicom raises a variety here; every one means "don't know"
         LOGGER.warning("C-FIND to %s@%s:%d failed to associate: %s", called, peer.query_host,
-                       peer.query_port, exc)
+                       peer.query_port, describe_tls_error(exc) if tls_args else exc)
         return None
     if not assoc.is_established:
-        LOGGER.warning("C-FIND to %s@%s:%d: association %s", called, peer.query_host, peer.query_port,
-                       "rejected" if assoc.is_rejected else "failed")
+        LOGGER.warning("C-FIND to %s@%s:%d: %s", called, peer.query_host, peer.query_port,
+                       association_failure(assoc, over_tls=tls_args is not None))
         return None
     counts: list[int] = []
     final: int | None = None

@@ -1,4 +1,4 @@
-"""Sending results back: C-STORE SCU and STOW-RS client, draining the durable outbox.
+"""Sending results back, draining the durable outbox: the C-STORE SCU here, STOW-RS in :mod:`dicom_router.stow_send`.
 
 Files are sent as they are on disk (pynetdicom streams the dataset after the file meta, never
 re-encoding it), over one association per destination per batch, with TCP_NODELAY set (pynetdicom
@@ -16,29 +16,40 @@ sent again as stored, in the same pass.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import ssl
 import threading
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_router.errors import DispatchError
+from dicom_router.errors import DispatchError, TlsConfigError
+from dicom_router.outgoing import OutgoingFile, SendResult, failed, file_info, is_permanent_status
 from dicom_router.ports import Outbox, OutboxItem
 from dicom_router.reactor import request_association
 from dicom_router.scp import quiet_pynetdicom, short_uid
-from dicom_router.settings import Compression, DimseDestination, DispatchSettings, StowDestination
+from dicom_router.settings import (
+    Compression,
+    DicomTlsSettings,
+    DimseDestination,
+    DispatchSettings,
+    StowDestination,
+    TlsMode,
+)
+from dicom_router.stow_send import send_by_stow, stow_url
+from dicom_router.tls import association_failure, describe_tls_error, tls_failure
+from dicom_router.tls import client_context as dicom_client_context
 from dicom_router.transcode import TranscodeError, Variant, applies, compressed_copy
 
 LOGGER = logging.getLogger(__name__)
+
+__all__ = ["Dispatcher", "SendResult", "backoff_seconds", "destination_calling_ae", "destination_tls", "echo",
+           "is_permanent_status", "send_files", "stow_url"]
 
 Destination = DimseDestination | StowDestination
 
@@ -47,62 +58,35 @@ _MAX_CONTEXTS = 128
 _WARNING_STATUSES = (0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007)
 
 
-def is_permanent_status(status: int) -> bool:
-    """C-STORE failures that resending the same bytes can never fix."""
-    return (
-        0xA900 <= status <= 0xA9FF  # data set does not match SOP class
-        or 0xC000 <= status <= 0xCFFF  # cannot understand
-        or status in (0x0117, 0x0122, 0x0211)  # invalid instance, SOP class not supported, bad op
-    )
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """What happened to one file."""
-
-    path: Path
-    sop_instance_uid: str | None
-    ok: bool
-    status: int | None = None
-    error: str | None = None
-    permanent: bool = False
-    #: the transfer syntax it went in, when sent
-    transfer_syntax_uid: str | None = None
-
-
-@dataclass(frozen=True)
-class _File:
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    #: compressed copies to offer first, in order of preference; the file itself comes after them
-    compressed: tuple[Variant, ...] = ()
-
-    @property
-    def variants(self) -> tuple[Variant, ...]:
-        return (*self.compressed, Variant(self.transfer_syntax_uid, self.path))
-
-
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Delay before the next try after ``attempts`` earlier failed tries: doubling, capped."""
     return float(min(maximum, initial * (2.0 ** min(max(attempts, 0), 60))))
 
 
-def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0) -> bool:
-    """C-ECHO ``destination``; true when it answers with success."""
+def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0, *,
+         tls: DicomTlsSettings | None = None, event_driven: bool = True) -> bool:
+    """C-ECHO ``destination``; true when it answers with success.
+
+    ``tls`` is ``router.tls``: our client certificate and CAs for a destination with ``tls: required``;
+    ``event_driven`` is ``router.event_driven`` (false: pynetdicom's own reactor).
+    """
     quiet_pynetdicom()
+    try:
+        tls_args = destination_tls(destination, tls)
+    except TlsConfigError as exc:
+        LOGGER.error("C-ECHO to %s not tried, TLS configuration: %s", destination.name, exc)
+        return False
     ae = _make_ae(destination.calling_ae_title or calling_ae, destination.max_pdu, timeout)
     ae.add_requested_context(Verification)
     try:
         assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
-                                    destination.max_pdu)
+                                    destination.max_pdu, tls=tls_args, event_driven=event_driven)
     except Exception as exc:
-        LOGGER.warning("C-ECHO to %s failed: %s", destination.name, exc)
+        LOGGER.warning("C-ECHO to %s failed: %s", destination.name,
+                       describe_tls_error(exc) if tls_args else exc)
         return False
     if not assoc.is_established:
-        LOGGER.warning("C-ECHO to %s: association %s", destination.name,
-                       "rejected" if assoc.is_rejected else "failed")
+        LOGGER.warning("C-ECHO to %s: %s", destination.name, association_failure(assoc, over_tls=tls_args is not None))
         return False
     try:
         status = assoc.send_c_echo()
@@ -115,20 +99,49 @@ def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0) 
 
 
 def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,
-               timeout: float = 30.0) -> list[SendResult]:
-    """Send DICOM Part 10 files to ``destination`` (``portico send``); one result per path, in order."""
+               timeout: float = 30.0, *, tls: DicomTlsSettings | None = None,
+               event_driven: bool = True) -> list[SendResult]:
+    """Send DICOM Part 10 files to ``destination`` (``portico send``); one result per path, in order.
+
+    ``tls`` is ``router.tls``: our client certificate and CAs for a destination with ``tls: required``;
+    ``event_driven`` is ``router.event_driven`` (false: pynetdicom's own reactor).
+    """
     results: dict[Path, SendResult] = {}
-    files: list[_File] = []
+    files: list[OutgoingFile] = []
     for path in paths:
         path = Path(path)
         try:
-            files.append(_file_info(path))
+            files.append(file_info(path))
         except DispatchError as exc:
             results[path] = SendResult(path, None, False, error=str(exc), permanent=True)
     if files:
-        for result in _send(destination, files, calling_ae, timeout):
+        try:
+            tls_args = destination_tls(destination, tls) if isinstance(destination, DimseDestination) else None
+        except TlsConfigError as exc:
+            sent = [failed(f, f"TLS configuration: {exc}") for f in files]
+        else:
+            sent = _send(destination, files, calling_ae, timeout, tls=tls_args, event_driven=event_driven)
+        for result in sent:
             results[result.path] = result
     return [results[Path(p)] for p in paths]
+
+
+def destination_tls(destination: DimseDestination,
+                    tls: DicomTlsSettings | None) -> tuple[ssl.SSLContext, str] | None:
+    """``(client context, server hostname)`` for a destination with ``tls: required``, else ``None``.
+
+    The destination's certificate is verified against its ``ca_bundle``, else ``tls.ca_bundle``, else
+    the system's store, for the name ``server_hostname`` (default: its ``host``); ours is presented
+    when ``tls`` (``router.tls``) is set.
+
+    Raises
+    ------
+    TlsConfigError
+        A certificate, key or CA file cannot be used.
+    """
+    if destination.tls is not TlsMode.REQUIRED:
+        return None
+    return dicom_client_context(tls, destination.ca_bundle), destination.server_hostname or destination.host
 
 
 class Dispatcher:
@@ -146,16 +159,44 @@ class Dispatcher:
         At most this many items per :meth:`run_once`.
     timeout
         Network, ACSE and DIMSE timeout in seconds.
+    tls
+        ``router.tls``: our client certificate and trusted CAs, for DIMSE destinations with
+        ``tls: required``. Their contexts are built here, once (a context that cannot be built is
+        tried again when its items are next due, and they wait meanwhile).
     """
 
     def __init__(self, settings: DispatchSettings, outbox: Outbox, calling_ae: str, *,
-                 batch_size: int = 200, timeout: float = 30.0) -> None:
+                 batch_size: int = 200, timeout: float = 30.0, tls: DicomTlsSettings | None = None,
+                 event_driven: bool = True) -> None:
         self._settings = settings
+        self._event_driven = event_driven
         self._outbox = outbox
         self._calling_ae = calling_ae
         self._batch_size = batch_size
         self._timeout = timeout
         self._destinations = {d.name: d for d in settings.destinations}
+        self._tls = tls
+        self._tls_args: dict[str, tuple[ssl.SSLContext, str] | TlsConfigError] = {}
+        for destination in settings.destinations:
+            if isinstance(destination, DimseDestination) and destination.tls is TlsMode.REQUIRED:
+                with contextlib.suppress(TlsConfigError):  # logged; its items wait and fail retryably
+                    self._tls_for(destination)
+
+    def _tls_for(self, destination: DimseDestination) -> tuple[ssl.SSLContext, str] | None:
+        """The destination's TLS arguments, built once; raises the :class:`TlsConfigError` of a failed build."""
+        cached = self._tls_args.get(destination.name)
+        if cached is not None and not isinstance(cached, TlsConfigError):
+            return cached
+        try:
+            built = destination_tls(destination, self._tls)
+        except TlsConfigError as exc:
+            if cached is None or str(cached) != str(exc):
+                LOGGER.error("destination %s: TLS configuration: %s", destination.name, exc)
+            self._tls_args[destination.name] = exc
+            raise
+        if built is not None:
+            self._tls_args[destination.name] = built
+        return built
 
     def run_once(self) -> int:
         """Try every due item once; returns how many were tried (sent or failed)."""
@@ -185,11 +226,11 @@ class Dispatcher:
                 stop.wait(self._settings.poll_seconds)
 
     def _dispatch(self, destination: Destination, items: list[OutboxItem]) -> None:
-        files: list[_File] = []
+        files: list[OutgoingFile] = []
         by_path: dict[Path, OutboxItem] = {}
         for item in items:
             try:
-                info = _file_info(item.path)
+                info = file_info(item.path)
             except DispatchError as exc:
                 self._fail(item, str(exc), permanent=True)
                 continue
@@ -197,8 +238,15 @@ class Dispatcher:
             by_path[info.path] = item
         if not files:
             return
+        try:
+            tls_args = self._tls_for(destination) if isinstance(destination, DimseDestination) else None
+        except TlsConfigError as exc:
+            # retryable: the items wait, and go once the files are fixed
+            for f in files:
+                self._fail(by_path[f.path], f"TLS configuration: {exc}", permanent=False)
+            return
         results = _send(destination, files, destination_calling_ae(destination, self._calling_ae),
-                        self._timeout)
+                        self._timeout, tls=tls_args, event_driven=self._event_driven)
         failures = [r for r in results if not r.ok]
         for result in results:
             item = by_path[result.path]
@@ -229,18 +277,19 @@ def destination_calling_ae(destination: Destination, default: str) -> str:
 
 # --- DIMSE ------------------------------------------------------------------------------------
 
-def _send(destination: Destination, files: list[_File], calling_ae: str, timeout: float) -> list[SendResult]:
+def _send(destination: Destination, files: list[OutgoingFile], calling_ae: str, timeout: float, *,
+          tls: tuple[ssl.SSLContext, str] | None = None, event_driven: bool = True) -> list[SendResult]:
     files = [_with_compressed(f, destination.compression) for f in files]
     if isinstance(destination, StowDestination):
-        return _stow_with_fallback(destination, files, timeout)
+        return send_by_stow(destination, files, timeout)
     results: list[SendResult] = []
     # one association per <=128 (SOP class, transfer syntax) pairs; normally exactly one
     for chunk in _context_chunks(files):
-        results.extend(_store_dimse(destination, chunk, calling_ae, timeout))
+        results.extend(_store_dimse(destination, chunk, calling_ae, timeout, tls, event_driven))
     return results
 
 
-def _with_compressed(f: _File, compression: Compression) -> _File:
+def _with_compressed(f: OutgoingFile, compression: Compression) -> OutgoingFile:
     """``f`` with its compressed copy for ``compression``, when one applies and can be made."""
     if not applies(f.sop_class_uid, f.transfer_syntax_uid, compression):
         return f
@@ -252,12 +301,12 @@ def _with_compressed(f: _File, compression: Compression) -> _File:
     return f if variant is None else replace(f, compressed=(variant,))
 
 
-def _pairs(f: _File) -> set[tuple[str, str]]:
+def _pairs(f: OutgoingFile) -> set[tuple[str, str]]:
     return {(f.sop_class_uid, v.transfer_syntax_uid) for v in f.variants}
 
 
-def _context_chunks(files: list[_File]) -> Iterator[list[_File]]:
-    chunk: list[_File] = []
+def _context_chunks(files: list[OutgoingFile]) -> Iterator[list[OutgoingFile]]:
+    chunk: list[OutgoingFile] = []
     pairs: set[tuple[str, str]] = set()
     for f in files:
         new = _pairs(f) - pairs
@@ -277,8 +326,8 @@ def _make_ae(ae_title: str, max_pdu: int, timeout: float) -> AE:
     return ae
 
 
-def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: str,
-                 timeout: float) -> list[SendResult]:
+def _store_dimse(destination: DimseDestination, files: list[OutgoingFile], calling_ae: str, timeout: float,
+                 tls: tuple[ssl.SSLContext, str] | None = None, event_driven: bool = True) -> list[SendResult]:
     quiet_pynetdicom()
     # send the bytes after the file meta as they are: no decode, no re-encode, bounded memory
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -288,18 +337,20 @@ def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: 
     ae.requested_contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
     try:
         assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
-                                    destination.max_pdu)
+                                    destination.max_pdu, tls=tls, event_driven=event_driven)
     except Exception as exc:
-        return [_failed(f, f"cannot associate: {exc}") for f in files]
+        return [failed(f, f"cannot associate: {describe_tls_error(exc) if tls else exc}") for f in files]
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association failed (peer unreachable?)"
-        return [_failed(f, reason) for f in files]
+        reason = association_failure(assoc, over_tls=tls is not None)
+        return [failed(f, reason) for f in files]
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     results: list[SendResult] = []
     try:
         for index, f in enumerate(files):
             if not assoc.is_established:
-                results.extend(_failed(g, "association ended") for g in files[index:])
+                failure = tls_failure(assoc.dul) if tls else None
+                reason = f"association ended over TLS: {failure}" if failure else "association ended"
+                results.extend(failed(g, reason) for g in files[index:])
                 break
             # the first accepted encoding; none accepted: the file as stored, which fails as before
             variant = next((v for v in f.variants if (f.sop_class_uid, v.transfer_syntax_uid) in accepted),
@@ -311,152 +362,20 @@ def _store_dimse(destination: DimseDestination, files: list[_File], calling_ae: 
     return results
 
 
-def _store_one(assoc: Association, f: _File, variant: Variant) -> SendResult:
+def _store_one(assoc: Association, f: OutgoingFile, variant: Variant) -> SendResult:
     try:
         status = assoc.send_c_store(variant.path)
     except (ValueError, RuntimeError) as exc:
         # no accepted presentation context for this SOP class / transfer syntax
-        return _failed(f, f"not accepted by the peer: {exc}")
+        return failed(f, f"not accepted by the peer: {exc}")
     except (OSError, AttributeError) as exc:
-        return _failed(f, f"cannot read: {exc}", permanent=True)
+        return failed(f, f"cannot read: {exc}", permanent=True)
     if not status:
-        return _failed(f, "no response (timeout or abort)")
+        return failed(f, "no response (timeout or abort)")
     code = int(status.Status)
     if code == 0x0000 or code in _WARNING_STATUSES:
         return SendResult(f.path, f.sop_instance_uid, True, status=code,
                           transfer_syntax_uid=variant.transfer_syntax_uid)
     comment = status.get("ErrorComment")
     text = f"status 0x{code:04X}" + (f" ({comment})" if comment else "")
-    return _failed(f, text, status=code, permanent=is_permanent_status(code))
-
-
-def _failed(f: _File, error: str, *, status: int | None = None, permanent: bool = False) -> SendResult:
-    return SendResult(f.path, f.sop_instance_uid, False, status=status, error=error, permanent=permanent)
-
-
-def _file_info(path: Path) -> _File:
-    try:
-        meta = read_file_meta_info(path)
-    except FileNotFoundError as exc:
-        raise DispatchError(f"file missing: {path.name}", permanent=True) from exc
-    except Exception as exc:
-        raise DispatchError(f"not a DICOM Part 10 file: {path.name} ({exc})", permanent=True) from exc
-    try:
-        return _File(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                     str(meta.TransferSyntaxUID))
-    except AttributeError as exc:
-        raise DispatchError(f"file meta incomplete: {path.name}", permanent=True) from exc
-
-
-# --- STOW-RS ----------------------------------------------------------------------------------
-
-def stow_url(destination: StowDestination) -> str:
-    """The STOW-RS endpoint: the configured URL, with ``/studies`` added unless it ends in it."""
-    url = destination.url.rstrip("/")
-    return url if url.endswith("/studies") else f"{url}/studies"
-
-
-#: how an unreachable STOW-RS server's failures start; anything else is the server's answer
-_STOW_UNREACHABLE = "STOW-RS unreachable"
-
-
-def _stow_with_fallback(destination: StowDestination, files: list[_File], timeout: float) -> list[SendResult]:
-    """Compressed copies first; what the server refused of them goes again as stored."""
-    results = _stow(destination, files, timeout, compressed=True)
-    again = [f for f, r in zip(files, results, strict=True)
-             if f.compressed and not r.ok and not (r.error or "").startswith(_STOW_UNREACHABLE)]
-    if not again:
-        return results
-    LOGGER.info("STOW-RS to %s refused %d compressed file(s); sending them as stored", destination.name,
-                len(again))
-    retried = {r.path: r for r in _stow(destination, again, timeout, compressed=False)}
-    return [retried.get(r.path, r) for r in results]
-
-
-def _stow(destination: StowDestination, files: list[_File], timeout: float, *,
-          compressed: bool) -> list[SendResult]:
-    chosen = {f.path: f.variants[0] if compressed else f.variants[-1] for f in files}
-    boundary = f"portico-{uuid.uuid4().hex}"
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    readable: list[_File] = []
-    results: dict[Path, SendResult] = {}
-    length = len(tail)
-    for f in files:
-        try:
-            size = chosen[f.path].path.stat().st_size
-        except OSError as exc:
-            results[f.path] = _failed(f, f"cannot read: {exc}", permanent=True)
-            continue
-        readable.append(f)
-        length += len(head) + size + 2
-    if not readable:
-        return [results[f.path] for f in files]
-
-    def body() -> Iterator[bytes]:
-        for index, f in enumerate(readable):
-            yield (b"\r\n" if index else b"") + head
-            with chosen[f.path].path.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    yield chunk
-        yield tail
-
-    # the first part has no leading CRLF, so the length counted one pair too many
-    length -= 2
-    request = urllib.request.Request(
-        stow_url(destination), data=body(), method="POST",
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-            "Content-Length": str(length),
-        },
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            code, payload = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        code, payload = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        unreachable = {f.path: _failed(f, f"{_STOW_UNREACHABLE}: {exc}") for f in readable}
-        return _in_order(files, results, unreachable)
-    failed = _stow_failures(payload)
-    outcome: dict[Path, SendResult] = {}
-    for f in readable:
-        if code == 200 or (code == 202 and f.sop_instance_uid not in failed):
-            outcome[f.path] = SendResult(f.path, f.sop_instance_uid, True, status=code,
-                                         transfer_syntax_uid=chosen[f.path].transfer_syntax_uid)
-        elif code == 202 or code == 409:
-            reason = failed.get(f.sop_instance_uid)
-            outcome[f.path] = _failed(
-                f, f"STOW-RS HTTP {code}" + (f" (failure reason 0x{reason:04X})" if reason else ""),
-                status=reason, permanent=reason is not None and is_permanent_status(reason))
-        else:
-            # 400/415: malformed request (our bug or an unsupported object); 5xx, 401/403: retry
-            outcome[f.path] = _failed(f, f"STOW-RS HTTP {code}", permanent=code in (400, 415))
-    return _in_order(files, results, outcome)
-
-
-def _in_order(files: list[_File], *parts: dict[Path, SendResult]) -> list[SendResult]:
-    merged: dict[Path, SendResult] = {}
-    for part in parts:
-        merged.update(part)
-    return [merged[f.path] for f in files]
-
-
-def _stow_failures(payload: bytes) -> dict[str, int]:
-    """SOP Instance UID -> FailureReason from a STOW-RS response's FailedSOPSequence."""
-    try:
-        doc = json.loads(payload) if payload else {}
-    except ValueError:
-        return {}
-    failures: dict[str, int] = {}
-    if not isinstance(doc, dict):
-        return failures
-    for entry in doc.get("00081198", {}).get("Value", []) or []:
-        try:
-            uid = str(entry["00081155"]["Value"][0])
-            reason = int(entry.get("00081197", {}).get("Value", [0xC000])[0])
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
-        failures[uid] = reason
-    return failures
+    return failed(f, text, status=code, permanent=is_permanent_status(code))

@@ -35,3 +35,19 @@ class QueryError(RouterError):
     """A C-FIND to the sending PACS failed."""
 
     code = "query_failed"
+
+
+class DestinationConfigError(DispatchError):
+    """A destination's own settings keep us from sending (a secret or CA file missing or unreadable).
+
+    Retryable: the items wait, and go once the configuration is fixed. The message names the
+    setting at fault, never a secret.
+    """
+
+    code = "destination_misconfigured"
+
+
+class TlsConfigError(RouterError):
+    """A DICOM TLS certificate, key or CA file is missing, unreadable or does not fit."""
+
+    code = "tls_config"

@@ -8,14 +8,16 @@ pydicom, which then decides whether the dataset is readable at all.
 
 from __future__ import annotations
 
-import re
 import struct
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from dicom_router.uids import is_valid_uid
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -27,7 +29,6 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _NOT_WALKABLE = frozenset({ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
                            "1.2.840.10008.1.2.4.95"})  # JPIP Referenced Deflate
-_UID_CHARS = re.compile(r"[0-9.]{1,64}")
 _HEADER_TAGS = [Tag(t) for t in _WANTED]
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
@@ -52,7 +53,8 @@ def _element(tag: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _text(value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
+    # "replace": a quarantined copy's meta may carry a sender's UID that is not even ASCII
+    raw = value.encode("ascii", "replace")
     return raw + pad if len(raw) % 2 else raw
 
 
@@ -81,7 +83,8 @@ def read_file_meta(data: bytes) -> tuple[str, str, str, int]:
     Raises
     ------
     UnreadableHeader
-        No ``DICM`` prefix, a damaged meta group, or one of the three UIDs missing.
+        No ``DICM`` prefix, a damaged meta group, or one of the three UIDs missing or malformed
+        (:func:`dicom_router.uids.is_valid_uid`).
     """
     if len(data) < len(PREAMBLE) or data[128:132] != b"DICM":
         raise UnreadableHeader("not a DICOM Part 10 file (no DICM prefix)")
@@ -101,6 +104,8 @@ def read_file_meta(data: bytes) -> tuple[str, str, str, int]:
     if not all(values):
         raise UnreadableHeader("the file meta lacks a SOP Class, SOP Instance or Transfer Syntax UID",
                                missing=True)
+    if not all(is_valid_uid(v) for v in values):
+        raise UnreadableHeader("the file meta has a malformed SOP Class, SOP Instance or Transfer Syntax UID")
     return values[0], values[1], values[2], pos
 
 
@@ -173,11 +178,25 @@ def _clean(value: bytes | str | None) -> str | None:
     return text.strip(" \x00") or None
 
 
-def read_uids(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[str, str, str, str]:
+def read_uids(dataset: bytes | memoryview, transfer_syntax_uid: str, *,
+              source: BinaryIO | None = None) -> tuple[str, str, str, str]:
     """SOP Class, SOP Instance, Study and Series Instance UIDs of an encoded dataset (no meta).
 
-    Raises :class:`UnreadableHeader` when the dataset cannot be parsed or a UID is missing or
-    malformed (the store may name files after them, so only digits and dots pass).
+    Parameters
+    ----------
+    dataset
+        The encoded data set, or its beginning: the walk stops after the Series Instance UID.
+    transfer_syntax_uid
+        How ``dataset`` is encoded.
+    source
+        The whole instance as a seekable Part 10 file, for when ``dataset`` is only its beginning:
+        pydicom (the fallback for what the walk does not understand) then reads this instead.
+
+    Raises
+    ------
+    UnreadableHeader
+        The dataset cannot be parsed, or a UID is missing or malformed
+        (:func:`dicom_router.uids.is_valid_uid`; the store names files after them).
     """
     values: list[str | None]
     try:
@@ -189,19 +208,22 @@ def read_uids(dataset: bytes | memoryview, transfer_syntax_uid: str) -> tuple[st
         if None in values:
             raise ValueError("not all found")
     except (ValueError, struct.error):
-        values = _read_with_pydicom(dataset, transfer_syntax_uid)
+        values = _read_with_pydicom(dataset, transfer_syntax_uid, source)
     names = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     missing = [name for name, value in zip(names, values, strict=True) if value is None]
     if missing:
         raise UnreadableHeader(f"missing {', '.join(missing)}", missing=True)
-    if any(_UID_CHARS.fullmatch(v or "") is None for v in values):
-        raise UnreadableHeader("invalid UID in header")
+    malformed = [name for name, value in zip(names, values, strict=True) if not is_valid_uid(value or "")]
+    if malformed:  # the attribute's name only: the value may be anything a sender chose
+        raise UnreadableHeader(f"malformed {', '.join(malformed)} in header (not a DICOM UID)")
     return values[0] or "", values[1] or "", values[2] or "", values[3] or ""
 
 
-def _read_with_pydicom(dataset: bytes | memoryview, transfer_syntax_uid: str) -> list[str | None]:
-    stream = BytesIO(file_meta("1.2", "1.2", transfer_syntax_uid) + bytes(dataset))
+def _read_with_pydicom(dataset: bytes | memoryview, transfer_syntax_uid: str,
+                       source: BinaryIO | None) -> list[str | None]:
+    stream = BytesIO(file_meta("1.2", "1.2", transfer_syntax_uid) + bytes(dataset)) if source is None else source
     try:
+        stream.seek(0)
         ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         return [_clean(ds.get(keyword)) for keyword in
                 ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]

@@ -46,6 +46,36 @@ class InstanceSink(Protocol):
         ...
 
 
+class SpoolingSink(InstanceSink, Protocol):
+    """An instance sink that also takes instances already written to a file in its spool folder.
+
+    STOW-RS parts can be hundreds of MB: they are written to ``spool_dir`` as they arrive (a folder
+    on the sink's own file system, so that taking one over is a rename, not a copy) and handed over
+    as a complete Part 10 file. The C-STORE SCP does not use this; its instances stay in memory.
+    """
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where callers write files for :meth:`store_file` and :meth:`quarantine_file`."""
+        ...
+
+    def store_file(self, instance: ReceivedInstance, path: Path) -> StoreOutcome:
+        """Like :meth:`InstanceSink.store` for an instance whose Part 10 bytes are the file at ``path``.
+
+        ``instance.data`` is empty. On ``STORED`` the file has been moved into the sink (the caller
+        must not touch ``path`` again); on ``DUPLICATE`` or an exception it is left where it is, for
+        the caller to remove.
+        """
+        ...
+
+    def quarantine_file(self, path: Path, reason: str, calling_ae_title: str, peer_address: str) -> str:
+        """Like :meth:`InstanceSink.quarantine` for the file at ``path``, which is moved into the quarantine.
+
+        On an exception the file is left where it is.
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     id: int

@@ -20,16 +20,19 @@ unexpected C-STORE service message", then a DIMSE timeout) when its thread was p
 wrong moment.
 
 Every PDU still goes through pynetdicom's state machine, ACSE and DIMSE code. The overrides follow
-pynetdicom 3.0's private structure (``RequestHandler._create_association``,
-``Association._run_reactor``, ``DULServiceProvider._is_transport_event`` and ``_read_pdu_data``,
-``AE.associate``); with
-another version :func:`supported` is false and callers use pynetdicom's own classes.
+pynetdicom 3.0.4's private structure (``Association._run_reactor``,
+``DULServiceProvider._is_transport_event`` and ``_read_pdu_data``, ``AE.associate``; the acceptor's
+side is in :mod:`dicom_router.edge`). pyproject pins that version; :mod:`dicom_router.upstream`
+records a hash of each overridden routine's source, and with another version or a changed routine
+:func:`supported` is false and callers use pynetdicom's own classes (``router.event_driven: false``
+chooses those too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import queue
@@ -44,10 +47,13 @@ from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, evt
-from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
+from pynetdicom._globals import MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
+from pynetdicom.transport import AddressInformation, AssociationSocket
+
+from dicom_router.edge_socket import EdgeAssociationSocket, PduTooLarge
+from dicom_router.upstream import PINNED_PYNETDICOM, changed_overrides
 
 LOGGER = logging.getLogger(__name__)
 
@@ -72,16 +78,22 @@ def _recv_exact(raw: socket.socket, count: int) -> bytes:
     return data
 
 
+@functools.cache
+def unchanged_upstream() -> bool:
+    """Whether every pynetdicom routine we override still has the source we read (logged when not)."""
+    changed = changed_overrides()
+    if changed:
+        LOGGER.warning("pynetdicom routines overridden here have changed upstream: %s", ", ".join(changed))
+    return not changed
+
+
 def supported() -> bool:
-    """Whether the installed pynetdicom has the structure these overrides were written for."""
-    return (
-        pynetdicom.__version__.startswith("3.0.")
-        and hasattr(RequestHandler, "_create_association")
-        and hasattr(Association, "_run_reactor")
-        and hasattr(DULServiceProvider, "_is_transport_event")
-        and hasattr(DULServiceProvider, "_read_pdu_data")
-        and hasattr(DULServiceProvider, "_decode_pdu")
-    )
+    """Whether the installed pynetdicom is the one these overrides were written for (exactly).
+
+    The version must be :data:`~dicom_router.upstream.PINNED_PYNETDICOM` and every overridden
+    routine's source must hash as recorded in :data:`~dicom_router.upstream.OVERRIDDEN`.
+    """
+    return pynetdicom.__version__ == PINNED_PYNETDICOM and unchanged_upstream()
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -117,11 +129,16 @@ class _EventDrivenDUL(DULServiceProvider):
     def _is_transport_event(self) -> bool:
         sock = self.socket
         raw = sock.socket if sock is not None else None
-        if (raw is None or isinstance(raw, ssl.SSLSocket) or raw.fileno() < 0
+        if isinstance(sock, EdgeAssociationSocket) and sock.ready_prefix:
+            self._read_pdu_data()  # the A-ASSOCIATE-RQ the edge already read
+            return True
+        if (raw is None or raw.fileno() < 0
                 or not getattr(sock, "_is_connected", True) or self._kill_thread
                 or self.state_machine.current_state == "Sta13"
-                or self.event_queue.qsize() or self.to_provider_queue.qsize()):
-            # anything unusual, or work already queued: pynetdicom's own non-blocking check
+                or self.event_queue.qsize() or self.to_provider_queue.qsize()
+                or (isinstance(raw, ssl.SSLSocket) and raw.pending())):
+            # anything unusual, work already queued, or TLS data already decrypted (select cannot
+            # see it): pynetdicom's own non-blocking check
             if super()._is_transport_event():
                 return True
             if raw is None or not getattr(sock, "_is_connected", True):
@@ -145,21 +162,34 @@ class _EventDrivenDUL(DULServiceProvider):
         # buffer and copying it once, where pynetdicom reads 4 KiB pieces and copies it three times
         sock = self.socket
         raw = sock.socket if sock is not None else None
-        if raw is None:
+        edge = sock if isinstance(sock, EdgeAssociationSocket) else None
+        prefix = edge.take_prefix() if edge is not None else None
+        if raw is None and prefix is None:
             self.event_queue.put("Evt17")
             return
         try:
-            header = _recv_exact(raw, 6)
-            if len(header) < 6:
-                self.event_queue.put("Evt17")
-                return
-            pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
-            if pdu_type not in _PDU_TYPES:
-                LOGGER.error("Unknown PDU type received '0x%02X'", pdu_type)
-                self.event_queue.put("Evt19")
-                return
-            data = self._receive_pdu_bytes(raw, header, pdu_length)
-        except OSError as exc:  # TimeoutError included
+            if prefix is not None:
+                header, data = prefix[:6], prefix
+                pdu_length = len(prefix) - 6
+            else:
+                assert raw is not None
+                header = _recv_exact(raw, 6)
+                if len(header) < 6:
+                    self.event_queue.put("Evt17")
+                    return
+                pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+                if pdu_type not in _PDU_TYPES:
+                    LOGGER.error("Unknown PDU type received '0x%02X'", pdu_type)
+                    self.event_queue.put("Evt19")
+                    return
+                if edge is not None:
+                    try:
+                        edge.check_header(header)
+                    except PduTooLarge:
+                        edge.refuse_oversized()
+                        raise
+                data = self._receive_pdu_bytes(raw, header, pdu_length)
+        except OSError as exc:  # TimeoutError and PduTooLarge included
             LOGGER.error("Connection closed before the entire PDU was received (%s)", exc)
             self.event_queue.put("Evt17")
             return
@@ -288,7 +318,7 @@ class EventDrivenAssociation(Association):
                 return
 
 
-def _tune_socket(sock: AssociationSocket) -> None:
+def tune_socket(sock: AssociationSocket) -> None:
     """TCP_NODELAY: pynetdicom never sets it, and Nagle costs ~5x on loopback."""
     if sock.socket is not None:
         try:
@@ -297,47 +327,17 @@ def _tune_socket(sock: AssociationSocket) -> None:
             LOGGER.debug("TCP_NODELAY not set: %s", exc)
 
 
-class EventDrivenRequestHandler(RequestHandler):
-    """Request handler that builds :class:`EventDrivenAssociation` acceptors."""
-
-    def _create_association(self) -> Association:
-        # pynetdicom 3.0's RequestHandler._create_association with our Association class
-        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
-        assoc._server = self.server
-        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-
-        sock = AssociationSocket(assoc, client_socket=self.request)
-        _tune_socket(sock)
-        assoc.set_socket(sock)
-
-        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
-        assoc.acceptor.ae_title = self.server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        # pynetdicom deep-copies ~170 contexts x 18 transfer syntaxes here (~18 ms per association);
-        # negotiation only reads them, so per-association shallow copies do
-        assoc.acceptor.supported_contexts = [copy.copy(cx) for cx in self.server.contexts or []]
-        assoc.requestor.address_info = self.remote
-
-        for event, bound in self.server._handlers.items():
-            if event.is_intervention and bound:
-                handler, args = cast("tuple[Any, list[Any] | None]", bound)
-                assoc.bind(event, handler, args)
-            elif isinstance(event, evt.NotificationEvent):
-                for handler, args in cast("list[tuple[Any, list[Any] | None]]", bound):
-                    assoc.bind(event, handler, args)
-        return assoc
-
-
-def request_association(ae: AE, host: str, port: int, ae_title: str, max_pdu: int) -> Association:
+def request_association(ae: AE, host: str, port: int, ae_title: str, max_pdu: int, *,
+                        tls: tuple[ssl.SSLContext, str] | None = None,
+                        event_driven: bool | None = None) -> Association:
     """Associate with ``ae_title`` at ``host:port`` proposing ``ae.requested_contexts``.
 
     Like :meth:`AE.associate`, returning an association that may be established or not; with an
-    event-driven reactor and TCP_NODELAY when :func:`supported`.
+    event-driven reactor and TCP_NODELAY when :func:`supported` (and ``event_driven`` is not false).
+    ``tls`` is ``(client context, server hostname)`` for DICOM TLS; the handshake happens on connect.
     """
-    if not supported():
-        assoc = ae.associate(host, port, ae_title=ae_title, max_pdu=max_pdu)
+    if not (supported() if event_driven is None else event_driven and supported()):
+        assoc = ae.associate(host, port, ae_title=ae_title, max_pdu=max_pdu, tls_args=tls)
         raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
         if isinstance(raw, socket.socket):
             with contextlib.suppress(OSError):
@@ -353,7 +353,8 @@ def request_association(ae: AE, host: str, port: int, ae_title: str, max_pdu: in
     assoc = EventDrivenAssociation(ae, MODE_REQUESTOR)
     assoc.name = f"RequestorThread@{datetime.now():%Y%m%d%H%M%S}"
     sock = AssociationSocket(assoc, address=local)
-    _tune_socket(sock)
+    tune_socket(sock)
+    sock.tls_args = tls
     assoc.set_socket(sock)
     assoc.acceptor.ae_title = ae_title
     assoc.acceptor.address_info = remote

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import ssl
 import threading
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
@@ -41,13 +44,14 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_router import reactor
+from dicom_router.edge import EdgeServer, Gate, RefusalCount, RefusalLog, normalise_address
 from dicom_router.errors import RouterError
 from dicom_router.part10 import UnreadableHeader, file_meta, read_uids
 from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.settings import RouterSettings
+from dicom_router.tls import server_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,11 +91,6 @@ _NOBODY = "<no AE title is allowed from this address>"
 def short_uid(uid: str) -> str:
     """The tail of a UID, enough to tell instances apart in logs."""
     return f"…{uid[-12:]}" if len(uid) > 12 else uid
-
-
-def normalise_address(address: str) -> str:
-    """An IPv4 peer seen through an IPv6 socket (``::ffff:a.b.c.d``) as plain ``a.b.c.d``."""
-    return address[7:] if address.startswith("::ffff:") else address
 
 
 def tune_allocator() -> bool:
@@ -161,12 +160,18 @@ class StorageSCP:
         Use :mod:`dicom_router.reactor` (no polling sleeps); default: when pynetdicom supports it.
     """
 
-    def __init__(self, settings: RouterSettings, sink: InstanceSink, *,
-                 event_driven: bool | None = None) -> None:
+    def __init__(self, settings: RouterSettings, sink: InstanceSink, *, event_driven: bool | None = None,
+                 report_refusals: Callable[[list[RefusalCount]], None] | None = None) -> None:
         self._settings = settings
         self._sink = sink
-        self._event_driven = reactor.supported() if event_driven is None else event_driven
-        self._server: ThreadedAssociationServer | None = None
+        wanted = settings.event_driven if event_driven is None else event_driven
+        self._event_driven = wanted and reactor.supported()
+        if wanted and not self._event_driven:
+            LOGGER.warning("pynetdicom %s is not the version dicom_router.reactor was written for; "
+                           "using pynetdicom's own reactor", pynetdicom.__version__)
+        self._report_refusals = report_refusals
+        self._servers: list[EdgeServer] = []
+        self._gate: Gate | None = None
         allowed: dict[str, set[str]] = {}
         for peer in settings.peers:
             for host in peer.hosts:
@@ -175,15 +180,31 @@ class StorageSCP:
 
     @property
     def address(self) -> tuple[str, int]:
-        """Host and port the server is bound to."""
-        if self._server is None:
+        """Host and port of the plain listener (of the TLS one when there is no plain one)."""
+        if not self._servers:
             raise RouterError("the storage SCP is not running")
-        host, port = self._server.server_address[:2]
+        host, port = self._servers[0].server_address[:2]
         return str(host), int(port)
 
     @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """Host and port of the DICOM TLS listener, when there is one."""
+        for server in self._servers:
+            if server.tls_context is not None:
+                host, port = server.server_address[:2]
+                return str(host), int(port)
+        return None
+
+    @property
     def is_running(self) -> bool:
-        return self._server is not None
+        return bool(self._servers)
+
+    @property
+    def gate(self) -> Gate:
+        """The edge's counters and decisions (while running)."""
+        if self._gate is None:
+            raise RouterError("the storage SCP is not running")
+        return self._gate
 
     def _make_ae(self) -> AE:
         ae = _AllowListAE(self._settings.ae_title, self._allowed)
@@ -192,7 +213,9 @@ class StorageSCP:
         ae.network_timeout = 60
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
-        ae.maximum_associations = 16
+        # the edge caps associations first; pynetdicom's own cap is only a backstop
+        ae.maximum_associations = 2 * self._settings.edge.max_associations
+        ae.require_called_aet = True
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
@@ -200,45 +223,73 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        """Start listening in background threads; returns at once."""
-        if self._server is not None:
+        """Start listening in background threads; returns at once.
+
+        Raises
+        ------
+        TlsConfigError
+            When ``tls`` is set and its certificate, key or CA bundle cannot be used.
+        OSError
+            When a port cannot be bound.
+        """
+        if self._servers:
             return
         quiet_pynetdicom()
         if self._settings.tune_allocator and not tune_allocator():
             LOGGER.debug("allocator not tuned (no glibc mallopt)")
+        tls = self._settings.tls
+        tls_context = server_context(tls) if tls is not None else None
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_ACCEPTED, _on_accepted),
         ]
-        address = (self._settings.bind_host, self._settings.port)
-        if self._event_driven:
-            server = ae.make_server(address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
-                                    request_handler=reactor.EventDrivenRequestHandler)
-            # as AE.start_server does, so that server.shutdown() finds it
-            ae._servers.append(server)
-            # a 0.2 s accept poll (pynetdicom: 0.5 s) makes stop() quicker
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                      name=f"StorageSCP@{address[1]}", daemon=True)
-            thread.start()
-            self._server = server
-        else:
-            self._server = ae.start_server(address, block=False, evt_handlers=handlers)
-        host, port = self.address
-        LOGGER.info("storage SCP %s listening on %s:%d (%d peers allowed%s)", self._settings.ae_title,
-                    host, port, len(self._settings.peers), ", event-driven" if self._event_driven else "")
+        refusals = RefusalLog(self._settings.edge.report_seconds, self._report_refusals)
+        self._gate = Gate(self._settings.ae_title, self._settings.peers, self._settings.edge, refusals)
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if tls is None or tls.plain:
+            listeners.append((self._settings.port, None))
+        if tls is not None:
+            listeners.append((tls.port, tls_context))
+        try:
+            for port, context in listeners:
+                address = (self._settings.bind_host, port)
+                server = EdgeServer(ae, address, ae.supported_contexts, handlers, gate=self._gate,
+                                    tls_context=context, event_driven=self._event_driven)
+                # as AE.start_server does, so that server.shutdown() finds it
+                ae._servers.append(server)
+                self._servers.append(server)
+                # a 0.2 s accept poll (pynetdicom: 0.5 s) makes stop() quicker
+                thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                          name=f"StorageSCP@{port}", daemon=True)
+                thread.start()
+        except OSError:
+            self.stop()
+            raise
+        for server in self._servers:
+            host, port = server.server_address[:2]
+            LOGGER.info("storage SCP %s listening on %s:%d%s (%d peers allowed%s)", self._settings.ae_title,
+                        host, port, " with DICOM TLS" if server.tls_context else "", len(self._settings.peers),
+                        ", event-driven" if self._event_driven else ", pynetdicom's reactor")
 
     def stop(self) -> None:
-        """Stop listening and end running associations."""
-        server, self._server = self._server, None
-        if server is None:
+        """Stop listening and end running associations (and connections still negotiating)."""
+        servers, self._servers = self._servers, []
+        if not servers:
             return
-        server.shutdown()
-        for assoc in server.active_associations:
+        if self._gate is not None:
+            self._gate.close_all()
+        associations = []
+        for server in servers:
+            server.shutdown()
+            associations.extend(server.active_associations)
+        for assoc in associations:
             assoc.abort()
-        for assoc in server.active_associations:
+        for assoc in associations:
             assoc.join(timeout=5)
+        if self._gate is not None:
+            self._gate.refusals.flush(force=True)
         LOGGER.info("storage SCP %s stopped", self._settings.ae_title)
 
     def __enter__(self) -> StorageSCP:
@@ -266,7 +317,23 @@ class StorageSCP:
                                    calling, peer)
         except Exception:
             LOGGER.exception("C-STORE from %s: unexpected error", calling)
+            self._keep_after_error(event, calling, peer)
             return _status(STATUS_UNEXPECTED, "internal error")
+
+    def _keep_after_error(self, event: Event, calling: str, peer: str) -> None:
+        """Quarantine what was received when storing failed unexpectedly, so that nothing is lost (best effort)."""
+        try:
+            request = event.request
+            stream = request.DataSet if isinstance(request, C_STORE) else None
+            if not isinstance(request, C_STORE) or not isinstance(stream, BytesIO):
+                return
+            data = file_meta(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                             str(event.context.transfer_syntax), calling) + stream.getvalue()
+            qid = self._sink.quarantine(data, "unexpected error while storing", calling, peer)
+            LOGGER.warning("C-STORE from %s: kept in quarantine as %s after the unexpected error", calling, qid)
+        except Exception as exc:  # the sink itself may be what failed
+            LOGGER.error("C-STORE from %s: not even quarantined after the unexpected error (%s)", calling,
+                         type(exc).__name__)
 
     def _store(self, body: memoryview, requested_sop_class: str, requested_sop_instance: str,
                transfer_syntax: str, calling: str, peer: str) -> Dataset | int:
@@ -319,8 +386,10 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 def _on_rejected(event: Event) -> None:
+    # the edge refused strangers, unknown AE titles and over-limit peers already, with their reason;
+    # what pynetdicom still rejects here is the negotiation itself (e.g. no usable application context)
     requestor = event.assoc.requestor
-    LOGGER.warning("association rejected: calling AE %r from %s is not allow-listed",
+    LOGGER.warning("association from calling AE %r at %s rejected during negotiation",
                    str(requestor.ae_title), normalise_address(str(requestor.address)))
 
 

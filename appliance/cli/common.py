@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from appliance.logs import configure
 from appliance.settings import Settings, load_settings
 
@@ -27,5 +29,18 @@ def also_after(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """Configure logging and load the settings; an invalid configuration exits with its problems listed."""
     configure(args.log_level, args.json_logs)
-    return load_settings(args.config)
+    try:
+        return load_settings(args.config)
+    except ValidationError as exc:
+        raise SystemExit(config_problems(exc)) from None
+
+
+def config_problems(exc: ValidationError) -> str:
+    """The problems in words, one a line, without the values given (they may be secrets)."""
+    lines = ["portico: the configuration is invalid:"]
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ def main(argv: Sequence[str]) -> int:
     if not isinstance(dest, DimseDestination):
         sys.stderr.write(f"{dest.name} is a STOW-RS destination; C-ECHO needs a DIMSE one\n")
         return 2
-    ok = echo(dest, settings.router.ae_title)
+    ok = echo(dest, settings.router.ae_title, tls=settings.router.tls,
+              event_driven=settings.router.event_driven)
     sys.stdout.write(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'}\n")
     return 0 if ok else 1

@@ -21,7 +21,8 @@ def main(argv: Sequence[str]) -> int:
     if dest is None:
         return 2
     paths = [f for p_ in args.files for f in (sorted(p_.rglob("*")) if p_.is_dir() else [p_]) if f.is_file()]
-    results = send_files(dest, paths, settings.router.ae_title)
+    results = send_files(dest, paths, settings.router.ae_title, tls=settings.router.tls,
+                         event_driven=settings.router.event_driven)
     failed = [r for r in results if not r.ok]
     for r in failed:
         sys.stderr.write(f"FAILED {r.path}: {r.error or ''} {'' if r.status is None else hex(r.status)}\n")

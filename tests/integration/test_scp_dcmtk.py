@@ -130,7 +130,8 @@ def test_unknown_peer_is_rejected_at_association(scp: Running, calling: str,
     done = dcmtk("echoscu", "-aet", calling, "-aec", "PORTICO", "127.0.0.1", str(scp.port))
     assert done.returncode != 0
     assert "Calling AE Title Not Recognized" in done.stderr
-    assert any("rejected" in r.getMessage() and calling in r.getMessage() for r in caplog.records)
+    assert any("refused" in r.getMessage() and "unknown_calling_ae" in r.getMessage() and calling in r.getMessage()
+               for r in caplog.records)
     # the server keeps serving the peers it knows
     assert dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "PORTICO", "127.0.0.1",
                  str(scp.port)).returncode == 0
@@ -252,9 +253,12 @@ class ExplodingSink(FolderSink):
 
 def test_unexpected_sink_error_is_0xC211_and_the_server_lives_on(tmp_path: Path,
                                                                series: dict[str, Series]) -> None:
-    running = start_scp(tmp_path, sink=ExplodingSink(tmp_path))
+    sink = ExplodingSink(tmp_path)
+    running = start_scp(tmp_path, sink=sink)
     try:
         assert pyscu_store(running.port, series["explicit"].paths[:2]) == [0xC211, 0xC211]
+        # nothing received is lost: each one is kept in quarantine
+        assert [q.reason for q in sink.quarantined] == ["unexpected error while storing"] * 2
         assert dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "PORTICO", "127.0.0.1",
                      str(running.port)).returncode == 0
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from appliance.api.app import create_app
@@ -106,3 +107,70 @@ def test_sender_tokens_must_be_real_and_distinct() -> None:
     with pytest.raises(ValidationError, match=r"differ from api\.token"):
         Settings.model_validate({"mode": "dev", "api": {"token": "same-secret"},
                                  "router": {"stow_senders": [{"name": "A", "token": "same-secret"}]}})
+
+
+def _chunks(body: bytes, size: int = 65536) -> Iterator[bytes]:
+    """The body as a chunked upload (no Content-Length): the size cap is met while reading."""
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+def test_over_the_request_cap_mid_stream_reports_what_was_stored(tmp_path: Path, store: Store) -> None:
+    study, series = generate_uid(), generate_uid()
+    body = multipart(ct_instance(study, series, 1), b"x" * (2 * 2**20))
+    with TestClient(create_app(_settings(tmp_path, stow_max_request_mb=1), store),
+                    raise_server_exceptions=False) as client:
+        response = client.post("/dicom-web/studies", content=_chunks(body), headers=STOW_HEADERS)
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    assert len(response.json()["00081199"]["Value"]) == 1 and store.instance_count(study) == 1
+    assert "stow_max_request_mb" in response.headers["warning"] and response.headers["connection"] == "close"
+
+
+def test_too_many_parts_answer_413_with_the_stored_ones(tmp_path: Path, store: Store) -> None:
+    study, series = generate_uid(), generate_uid()
+    body = multipart(*(ct_instance(study, series, n) for n in range(4)))
+    with TestClient(create_app(_settings(tmp_path, stow_max_parts=2), store),
+                    raise_server_exceptions=False) as client:
+        response = client.post("/dicom-web/studies", content=body, headers=STOW_HEADERS)
+    assert response.status_code == 413
+    assert len(response.json()["00081199"]["Value"]) == 2 and store.instance_count(study) == 2
+    assert response.headers["warning"].startswith('299 portico "the request has more than 2 parts')
+
+
+def test_a_spent_quarantine_budget_is_audited_once(tmp_path: Path, store: Store) -> None:
+    junk = multipart(*[b"junk"] * 30)
+    with TestClient(create_app(_settings(tmp_path, stow_quarantine_parts_per_hour=10), store),
+                    raise_server_exceptions=False) as client:
+        for _ in range(3):
+            response = client.post("/dicom-web/studies", content=junk, headers=STOW_HEADERS)
+            assert response.status_code == 409 and "quarantine budget" in response.headers["warning"]
+    assert len(store.quarantined()) == 10
+    events = [e["event"] for e in store.audit_events()]
+    assert events.count("quarantined") == 10 and events.count("quarantine_budget_spent") == 1
+    spent = next(e for e in store.audit_events() if e["event"] == "quarantine_budget_spent")
+    assert spent["actor"] == "PACSWEB" and spent["detail"]["parts_per_hour"] == 10
+
+
+def test_a_big_instance_is_spooled_and_moved_into_the_store(client: TestClient, store: Store) -> None:
+    study, series = generate_uid(), generate_uid()
+    big = ct_instance(study, series, 1, rows=1500)  # 4.5 MB: over the in-memory size
+    response = client.post("/dicom-web/studies", content=_chunks(multipart(big, ct_instance(study, series, 2))),
+                           headers=STOW_HEADERS)
+    assert response.status_code == 200, response.text
+    assert store.instance_count(study) == 2 and not list(store.spool_dir.iterdir())
+    row = next(r for r in store.instance_index() if r["path"].endswith(".dcm") and Path(r["path"]).stat().st_size
+               > 4 * 2**20)
+    assert dcmread(row["path"]).file_meta.SourceApplicationEntityTitle == "PACSWEB"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_study_uid_that_is_not_a_uid(client: TestClient, store: Store) -> None:
+    assert client.post("/dicom-web/studies/1..2", content=b"", headers=STOW_HEADERS).status_code == 422
+    series = generate_uid()
+    response = client.post("/dicom-web/studies", content=multipart(ct_instance("1..2", series, 1)),
+                           headers=STOW_HEADERS)
+    assert response.status_code == 409  # refused and quarantined, not a 500
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert len(store.quarantined()) == 1 and "StudyInstanceUID" in store.quarantined()[0]["reason"]
+    assert store.instance_count() == 0

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_duplicate_sop_instance_is_idempotent(store: Store) -> None:
     assert store.open_studies()[0].received_count == 1
 
 
-@pytest.mark.parametrize("uid", ["../../etc", "1.2.x", "1." * 40])
+@pytest.mark.parametrize("uid", ["../../etc", "1.2.x", "1." * 40, "1..2", "1.02"])
 def test_uids_that_could_escape_the_folder_are_refused(store: Store, uid: str) -> None:
     bad = ReceivedInstance("1.2", uid, STUDY, SERIES, "1.2", "PACS", "127.0.0.1", b"x")
     with pytest.raises(ValueError):
@@ -204,3 +205,53 @@ def test_audit_limit_reads_only_the_newest_rows_oldest_first(store: Store) -> No
     assert [e["detail"]["n"] for e in store.audit_events(limit=3)] == [9, 10, 11]
     assert [e["detail"]["n"] for e in store.audit_events("1.2.3", limit=2)] == [9, 11]
     assert len(store.audit_events()) == 12 and "id" not in store.audit_events(limit=1)[0]
+
+
+def _spooled(store: Store, n: int) -> Path:
+    path = store.spool_dir / f"part-{n}.part"
+    path.write_bytes(instance(n).data)
+    return path
+
+
+def test_a_spooled_file_is_moved_in_not_copied(store: Store) -> None:
+    spooled = _spooled(store, 1)
+    inode = spooled.stat().st_ino
+    assert store.store_file(instance(1), spooled) is StoreOutcome.STORED
+    path = store.instances_dir / STUDY / SERIES / f"{SERIES}.1.dcm"
+    assert path.read_bytes() == instance(1).data and path.stat().st_ino == inode and not spooled.exists()
+    assert store.instance_index()[0]["path"] == str(path) and store.instance_count(STUDY) == 1
+    # a duplicate leaves the spool file to the caller
+    again = _spooled(store, 1)
+    assert store.store_file(instance(1), again) is StoreOutcome.DUPLICATE and again.exists()
+
+
+def test_a_spooled_file_is_quarantined_by_a_move(store: Store) -> None:
+    spooled = _spooled(store, 2)
+    qid = store.quarantine_file(spooled, "damaged", "PACS", "127.0.0.1")
+    row = store.quarantined()[0]
+    assert row["id"] == qid and Path(row["path"]).read_bytes() == instance(2).data and not spooled.exists()
+    assert [e["event"] for e in store.audit_events()] == ["quarantined"]
+
+
+def test_store_file_checks_uids_and_free_space(tmp_path: Path) -> None:
+    s = Store(tmp_path / "v", min_free_mb=10**9)
+    try:
+        spooled = _spooled(s, 1)
+        with pytest.raises(SinkFullError):
+            s.store_file(instance(1), spooled)
+        with pytest.raises(ValueError):
+            s.store_file(instance(1, study="1..2"), spooled)
+        assert spooled.exists() and s.instance_count() == 0
+    finally:
+        s.close()
+
+
+def test_stale_spool_files_are_swept_at_start(tmp_path: Path) -> None:
+    first = Store(tmp_path / "v")
+    stale, fresh = first.spool_dir / "stale.part", first.spool_dir / "fresh.part"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(stale, (1.0, 1.0))
+    first.close()
+    Store(tmp_path / "v").close()
+    assert not stale.exists() and fresh.exists()

@@ -124,8 +124,39 @@ def test_uids_that_could_be_paths_are_refused() -> None:
     ds = make_dataset()
     ds.SOPInstanceUID = "../../etc/passwd"
     data = encode(ds, implicit=False, little=True, undefined_lengths=False)
-    with pytest.raises(UnreadableHeader, match="invalid UID"):
+    with pytest.raises(UnreadableHeader, match="malformed SOPInstanceUID"):
         read_uids(data, ExplicitVRLittleEndian)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("study", ["1..2", "1.02", "1.2.", ".1.2", "1" * 65])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_uids_of_digits_and_dots_that_are_not_uids_are_refused(study: str, implicit: bool) -> None:
+    # 1..2 used to pass here and fail in the store: C-STORE answered 0xC211 and nothing was quarantined
+    ds = make_dataset()
+    ds.StudyInstanceUID = study
+    data = encode(ds, implicit=implicit, little=True, undefined_lengths=False)
+    with pytest.raises(UnreadableHeader, match="malformed StudyInstanceUID") as info:
+        read_uids(data, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    assert not info.value.missing and study not in info.value.reason
+
+
+def test_the_file_meta_uids_are_checked_too() -> None:
+    body = encode(make_dataset(), implicit=False, little=True, undefined_lengths=False)
+    assert part10.read_file_meta(file_meta(UIDS[0], UIDS[1], ExplicitVRLittleEndian) + body)[:3] == (
+        UIDS[0], UIDS[1], ExplicitVRLittleEndian)
+    with pytest.raises(UnreadableHeader, match="malformed"):
+        part10.read_file_meta(file_meta(UIDS[0], "1..2", ExplicitVRLittleEndian) + body)
+
+
+def test_a_beginning_of_the_dataset_is_enough_and_the_source_file_is_the_fallback() -> None:
+    data = encode(make_dataset(), implicit=False, little=True, undefined_lengths=True)
+    end = data.rindex(UIDS[3].encode()) + len(UIDS[3]) + 1  # the padded Series Instance UID's end
+    assert read_uids(data[:end], ExplicitVRLittleEndian) == UIDS  # the walk stops there
+    whole = BytesIO(file_meta(UIDS[0], UIDS[1], ExplicitVRBigEndian)
+                    + encode(make_dataset(), implicit=False, little=False, undefined_lengths=False))
+    # big endian is not walked: pydicom reads the whole file, not the 40-byte beginning it was given
+    assert read_uids(b"\x00" * 40, ExplicitVRBigEndian, source=whole) == UIDS
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -149,3 +180,8 @@ def test_file_meta_reads_back_like_pynetdicoms(source: str | None) -> None:
         theirs = encode_file_meta(create_file_meta(sop_class_uid=UID(UIDS[0]), sop_instance_uid=UID(UIDS[1]),
                                                    transfer_syntax=ExplicitVRLittleEndian))
         assert meta == b"\x00" * 128 + b"DICM" + theirs
+
+
+def test_a_meta_for_a_quarantined_copy_can_carry_any_uid() -> None:
+    meta = file_meta(UIDS[0], "1.2.é", ExplicitVRLittleEndian)
+    assert b"1.2.?" in meta
