@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +112,15 @@ class FsyncSink:
         return "q"
 
 
-def serve(port: int, out: Path, sink_kind: str, stock: bool, untuned: bool) -> int:
-    """Run our StorageSCP until SIGTERM (the benchmark's receiver subprocess)."""
+def serve(port: int, out: Path, sink_kind: str, stock: bool, untuned: bool, tls: Path | None = None) -> int:
+    """Run our StorageSCP until SIGTERM (the benchmark's receiver subprocess).
+
+    With ``tls`` (a folder from ``tests/support/certs.py``'s ``make_pki``) ``port`` is a DICOM TLS
+    listener (mutual TLS, no plain listener) and the peer must come over TLS.
+    """
     from dicom_router.ports import InstanceSink
     from dicom_router.scp import StorageSCP
-    from dicom_router.settings import Peer, RouterSettings
+    from dicom_router.settings import DicomTlsSettings, Peer, RouterSettings, TlsMode
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     sink: InstanceSink
@@ -126,10 +130,16 @@ def serve(port: int, out: Path, sink_kind: str, stock: bool, untuned: bool) -> i
         sink = Store(out / "data", fsync=True)
     else:
         sink = FsyncSink(out, fsync=sink_kind == "fsync")
-    settings = RouterSettings(ae_title="PORTICO", port=port, peers=(Peer(ae_title="STORESCU"),),
+    tls_settings = None if tls is None else DicomTlsSettings(
+        certificate=str(tls / "server.pem"), private_key=str(tls / "server.key"), ca_bundle=str(tls / "ca.pem"),
+        port=port, plain=False)
+    peer = Peer(ae_title="STORESCU", tls=TlsMode.OFF if tls is None else TlsMode.REQUIRED)
+    settings = RouterSettings(ae_title="PORTICO", port=port, peers=(peer,), tls=tls_settings,
                               tune_allocator=not (stock or untuned))
     scp = StorageSCP(settings, sink, event_driven=False if stock else None)
     scp.start()
+    if tls is not None and scp.tls_address != ("127.0.0.1", port):
+        raise RuntimeError(f"TLS listener at {scp.tls_address}, expected port {port}")
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     scp.stop()
     return 0
@@ -180,9 +190,10 @@ def proc_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def send(port: int, called: str, files: list[Path]) -> float:
+def send(port: int, called: str, files: list[Path], options: Sequence[str] = ()) -> float:
+    """Wall seconds for ``storescu`` (``options``: e.g. its TLS options) to send ``files`` in one association."""
     env = dict(os.environ, TCP_NODELAY="1")
-    cmd = ["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    cmd = ["storescu", "-aet", "STORESCU", "-aec", called, *options, "127.0.0.1", str(port), *map(str, files)]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, check=False)
     wall = time.perf_counter() - t0
@@ -192,7 +203,8 @@ def send(port: int, called: str, files: list[Path]) -> float:
 
 
 def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[subprocess.Popen[bytes], str]],
-            count: Callable[[Path, int], int], warmup: list[Path]) -> Sample:
+            count: Callable[[Path, int], int], warmup: list[Path], options: Sequence[str] = ()) -> Sample:
+    """One rep: a fresh receiver from ``start``, the untimed ``warmup``, the timed ``files`` (storescu ``options``)."""
     work = Path(tempfile.mkdtemp(prefix=f"ingest-{name}-", dir=CACHE))
     port = free_port()
     proc, called = start(work, port)
@@ -200,10 +212,10 @@ def measure(name: str, files: list[Path], start: Callable[[Path, int], tuple[sub
         wait_port(port, proc)
         if warmup:
             # a long-running receiver has its memory and caches warm: send another study first
-            send(port, called, warmup)
+            send(port, called, warmup, options)
         subprocess.run(["sync"], check=True)
         cpu0 = proc_cpu(proc.pid)
-        wall = send(port, called, files)
+        wall = send(port, called, files, options)
         cpu = proc_cpu(proc.pid) - cpu0
         rss = proc_hwm_mb(proc.pid)
         received = count(work, port) - len(warmup)
@@ -223,22 +235,24 @@ def stop_receiver(proc: subprocess.Popen[bytes], work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def start_portico(sink_kind: str, stock: bool = False, untuned: bool = False
+def start_portico(sink_kind: str, stock: bool = False, untuned: bool = False, tls: Path | None = None
                   ) -> Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]:
     def start(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
         out = work / "in"
         out.mkdir()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), str(out),
-               "--sink", sink_kind, *(["--stock"] if stock else []), *(["--untuned"] if untuned else [])]
+               "--sink", sink_kind, *(["--stock"] if stock else []), *(["--untuned"] if untuned else []),
+               *(["--tls", str(tls)] if tls is not None else [])]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb")), "PORTICO"
     return start
 
 
-def start_storescp(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_storescp(work: Path, port: int, options: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """DCMTK storescp into ``work/in``; ``options``: more of its options (e.g. ``+tls``)."""
     out = work / "in"
     out.mkdir()
     env = dict(os.environ, TCP_NODELAY="1")
-    cmd = ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)]
+    cmd = ["storescp", "-aet", "STORESCP", *options, "-od", str(out), str(port)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "STORESCP"
 
 
@@ -246,13 +260,15 @@ def orthanc_http_port(work: Path) -> int:
     return int(json.loads((work / "cfg.json").read_text())["HttpPort"])
 
 
-def start_orthanc(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
-    cfg = {
+def start_orthanc(work: Path, port: int, config: Mapping[str, object] | None = None
+                  ) -> tuple[subprocess.Popen[bytes], str]:
+    """Orthanc with ``SyncStorageArea``; ``config``: more configuration options (e.g. DICOM TLS)."""
+    cfg: dict[str, object] = {
         "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(),
         "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
         "StorageCompression": False, "SyncStorageArea": True, "Plugins": [], "SaveJobs": False,
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
-        "DicomServerEnabled": True,
+        "DicomServerEnabled": True, **(config or {}),
     }
     (work / "cfg.json").write_text(json.dumps(cfg))
     env = dict(os.environ, TCP_NODELAY="1")
@@ -353,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md")
     parser.add_argument("--cold", action="store_true", help="no warm-up study before the timed one")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--tls", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink, args.stock, args.untuned)
+        return serve(int(args.serve[0]), Path(args.serve[1]), args.sink, args.stock, args.untuned, args.tls)
 
     CACHE.mkdir(parents=True, exist_ok=True)
     files = ensure_study()
