@@ -111,6 +111,21 @@ def tune_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 4 << 20)) and bool(mallopt(m_trim_threshold, 16 << 20))
 
 
+def serve_any_storage() -> None:
+    """Accept every storage-like presentation context and hand every C-STORE to our handler, process-wide.
+
+    pynetdicom rejects a proposed context with an unknown or private SOP class, and *aborts* the
+    association when a C-STORE names a SOP class it has no service class for (a sender that misreads
+    a UID encoded as UN proposes e.g. "31"): the sender gets no status and nothing is kept. With
+    pynetdicom's documented ``UNRESTRICTED_STORAGE_SERVICE`` every such request reaches
+    :meth:`StorageSCP._on_store`, which answers it with a status (``0xA900`` when the data set's SOP
+    class differs from the request's, ``0xC2xx`` when it is unreadable) and quarantines what it cannot
+    store. It applies to acceptors only (our SCUs are unaffected); the transfer syntax accepted for
+    such a context is the sender's first proposal.
+    """
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+
+
 def quiet_pynetdicom() -> None:
     """Keep identifiers (patient name, ID) out of pynetdicom's logs, process-wide."""
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -235,6 +250,7 @@ class StorageSCP:
         if self._servers:
             return
         quiet_pynetdicom()
+        serve_any_storage()
         if self._settings.tune_allocator and not tune_allocator():
             LOGGER.debug("allocator not tuned (no glibc mallopt)")
         tls = self._settings.tls

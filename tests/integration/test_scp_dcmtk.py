@@ -304,3 +304,28 @@ def test_stop_ends_running_associations_and_frees_the_port(tmp_path: Path) -> No
     again.stop()
     if assoc.is_established:
         assoc.abort()
+
+
+@pytest.mark.usefixtures("send_raw")
+@pytest.mark.parametrize("requested", ["31", "1.2.826.0.1.3680043.8.498.999"], ids=["malformed", "unknown"])
+def test_a_request_for_a_sop_class_we_do_not_know_gets_a_status(any_scp: Running, series: dict[str, Series],
+                                                                 tmp_path: Path, requested: str) -> None:
+    """pynetdicom alone aborts the association ("No supported service class"); we answer and keep the data."""
+    ds = dcmread(series["explicit"].paths[0])
+    ds.file_meta.MediaStorageSOPClassUID = requested  # the request says `requested`, the data set CT
+    path = tmp_path / "odd.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(requested, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", any_scp.port, ae_title="PORTICO")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        assert status and int(status.Status) == 0xA900
+        assert assoc.is_established  # not aborted: the next instance goes through
+        assert int(assoc.send_c_store(series["explicit"].paths[1]).Status) == 0x0000
+    finally:
+        assoc.release()
+    assert len(any_scp.sink.quarantined) == 1
+    assert "SOP Class UID differs" in any_scp.sink.quarantined[0].reason
