@@ -242,3 +242,19 @@ def test_stop_is_quick_with_stuck_connections_and_open_associations(start: Calla
     for sock in stuck:
         sock.close()
     wait_for(lambda: not assoc.is_established, timeout=10, message="the association to end")
+
+
+@pytest.mark.parametrize("event_driven", [True, False], ids=["event-driven", "stock-pynetdicom"])
+def test_a_pdu_that_stops_arriving_midway_ends_the_association(start: Callable[..., Running],
+                                                               event_driven: bool) -> None:
+    running = start(event_driven=event_driven, pdu_timeout=1.0)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="PORTICO")
+    assert assoc.is_established
+    assert assoc.dul.socket is not None
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    raw.sendall(struct.pack(">BBL", 4, 0, 1000) + b"\0" * 10)  # a P-DATA-TF that never finishes
+    wait_for(lambda: running.scp.gate.associations == 0, timeout=10, message="the stalled association to end")
+    assert echo(running.port)
