@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom.uid import generate_uid
 
 from appliance.demo_study import write_ct_series
 from appliance.pacs_standin import OrthancStandIn
 from appliance.settings import load_settings
-from appliance.store import Store
+from appliance.store import JobState, Store
 from inference.phantom import make_phantom
 
 log = logging.getLogger(__name__)
@@ -116,38 +117,60 @@ class Demo:
     orthanc: OrthancStandIn | None = None
     portico: PorticoProcess | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    #: progress lines on stdout while it works (on a terminal)
+    show_progress: bool = False
+    #: the model packages Portico serves (the shipped demo model by default)
+    models_dir: Path = REPO / "models"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         portico_port, http_port, dicom_port = free_port(), free_port(), free_port()
+        self.progress(f"starting Orthanc (the PACS) on ports {http_port} and {dicom_port}")
         self.orthanc = OrthancStandIn(self.workdir / "orthanc", http_port, dicom_port,
                                       modalities={"portico": ("PORTICO", "127.0.0.1", portico_port)})
         self.orthanc.start()
         config = portico_config(self.workdir / "portico", port=portico_port, orthanc_dicom_port=dicom_port,
-                                models_dir=REPO / "models", rules_file=REPO / "config" / "rules.yaml")
+                                models_dir=self.models_dir, rules_file=REPO / "config" / "rules.yaml")
         self.portico = PorticoProcess(config, portico_port, self.workdir / "portico" / "serve.log")
+        self.progress(f"starting Portico on port {portico_port} (log: {self.portico.log_path})")
         self.portico.start()
 
     def run_study(self, timeout: float = 600.0) -> dict[str, Any]:
-        """Load the phantom into Orthanc, have Orthanc send it to Portico, wait for SEG + SR back."""
+        """Load the phantom into Orthanc, have Orthanc send it to Portico, wait for SEG + SR back.
+
+        Every run is a new study (fresh UIDs, the same pixels), so the report can only be this run's:
+        results found in the PACS are this study's, and the jobs are this study's. A job that fails
+        for good, or a study no rule routes, ends the wait at once (``report["failure"]``).
+        """
         assert self.orthanc is not None and self.portico is not None
         phantom = make_phantom((self.slices, 512, 512), (2.5, 0.8, 0.8), seed=7)
-        study = write_ct_series(phantom.hu, phantom.spacing, self.workdir / "study", seed=7)
+        study = write_ct_series(phantom.hu, phantom.spacing, self.workdir / "study" / str(int(time.time())), seed=7,
+                                study_instance_uid=generate_uid())
         ids = [self.orthanc.request("POST", "/instances", p.read_bytes())["ParentStudy"] for p in study.paths]
         orthanc_study = ids[0]
+        self.progress(f"study loaded into Orthanc ({len(study.paths)} CT instances); Orthanc sends it to Portico")
         t_send = time.time()
         self.orthanc.request("POST", "/modalities/portico/store", {"Resources": [orthanc_study],
                                                                    "Synchronous": True})
         t_sent = time.time()
+        self.progress(f"sent in {t_sent - t_send:.1f} s; Portico waits until the study is complete")
         deadline = time.monotonic() + timeout
         found: dict[str, str] = {}
-        while time.monotonic() < deadline and len(found) < 2:
+        failure: dict[str, str] | None = None
+        said = ""
+        while time.monotonic() < deadline and len(found) < 2 and failure is None:
             for series_id in self.orthanc.request("GET", f"/studies/{orthanc_study}")["Series"]:
                 modality = self.orthanc.request("GET", f"/series/{series_id}")["MainDicomTags"].get("Modality")
                 if modality in ("SEG", "SR"):
                     found[modality] = series_id
+            stage, failure = self._stage(study.study_instance_uid)
+            if stage != said:
+                self.progress(stage)
+                said = stage
             time.sleep(0.2)
         t_back = time.time()
+        if failure is None and len(found) < 2:
+            failure = {"code": "timeout", "message": f"no SEG and SR in the PACS after {timeout:.0f} s"}
         self.report = {
             "study_instance_uid": study.study_instance_uid,
             "instances": len(study.paths),
@@ -156,9 +179,46 @@ class Demo:
             "seconds": {"orthanc_send": round(t_sent - t_send, 2),
                         "last_instance_to_results_in_pacs": round(t_back - t_sent, 2)},
             "explorer": f"{self.orthanc.url}/app/explorer.html#study?uuid={orthanc_study}",
+            "log": str(self.portico.log_path),
+            **({"failure": failure} if failure is not None and len(found) < 2 else {}),
             **self._portico_facts(study.study_instance_uid),
         }
         return self.report
+
+    def progress(self, line: str) -> None:
+        """A progress line on a terminal; nothing without one (the report says it all)."""
+        if self.show_progress:
+            sys.stdout.write(f"  … {line}\n")
+            sys.stdout.flush()
+
+    def _stage(self, study_uid: str) -> tuple[str, dict[str, str] | None]:
+        """Where this study is in Portico, and the failure that ends the demo, if any."""
+        assert self.portico is not None
+        store = Store(load_settings(self.portico.config).data_dir, fsync=False)
+        try:
+            jobs = store.jobs(study_uid)
+            events = {str(e["event"]) for e in store.audit_events(study_uid)}
+            job_ids = {job.id for job in jobs}
+            pending_outbox = [o for o in store.outbox() if o["job_id"] in job_ids and not o["sent_at"]]
+        finally:
+            store.close()
+        for job in jobs:
+            if job.state == JobState.FAILED:
+                code, _, message = (job.error or "unknown: no error recorded").partition(": ")
+                return f"job {job.id} failed", {"code": code, "message": message or code, "job": str(job.id)}
+        if not jobs:
+            if "no_match" in events:
+                return "no rule matched", {"code": "no_match", "message": "no routing rule matched the study "
+                                           "(see `portico rules explain` and config/rules.yaml)"}
+            return ("study complete, routing" if "study_complete" in events else
+                    "receiving / waiting for the study to be complete"), None
+        if any(job.state == JobState.PENDING and job.error for job in jobs):
+            return "a job failed and will be retried: " + next(j.error or "" for j in jobs if j.error), None
+        if any(job.state in (JobState.PENDING, JobState.RUNNING) for job in jobs):
+            return f"inference running ({', '.join(sorted({j.model for j in jobs}))})", None
+        if pending_outbox:
+            return "sending results to the PACS", None
+        return "results sent; waiting for the PACS to index them", None
 
     def _portico_facts(self, study_uid: str) -> dict[str, Any]:
         assert self.portico is not None
@@ -198,14 +258,19 @@ class Demo:
 def format_report(report: dict[str, Any]) -> str:
     lines = ["", "Portico demo", "============",
              f"study            {report['study_instance_uid']} ({report['instances']} CT instances, synthetic)",
-             f"SEG + SR in PACS {'yes' if report['seg_and_sr_in_pacs'] else 'NO'}",
-             f"Orthanc send     {report['seconds']['orthanc_send']} s",
-             f"last instance → results in PACS  {report['seconds']['last_instance_to_results_in_pacs']} s"]
+             f"SEG + SR in PACS {'yes' if report['seg_and_sr_in_pacs'] else 'NO'}"]
+    failure = report.get("failure")
+    if failure:
+        lines.append(f"FAILED           [{failure['code']}] {failure['message']}")
+        lines.append(f"log              {report['log']}")
+        return "\n".join([*lines, ""]) + "\n"
+    lines += [f"Orthanc send     {report['seconds']['orthanc_send']} s",
+              f"last instance → results in PACS  {report['seconds']['last_instance_to_results_in_pacs']} s"]
     for job in report.get("jobs", []):
         lines.append(f"model            {job['model']} [{job['state']}] on {job['provider']}")
         lines.append("stages           " + ", ".join(f"{k} {v} s" for k, v in job["stage_seconds"].items()))
         for m in job["measurements"]:
             lines.append(f"  {m.get('name', '?'):<24} volume {m.get('volume_ml', 0):9.1f} ml   "
                          f"mean {m.get('mean') if m.get('mean') is None else round(m['mean'], 1)} HU")
-    lines += [f"see it           {report['explorer']}", ""]
+    lines += [f"see it           {report['explorer']}", f"log              {report['log']}", ""]
     return "\n".join(lines) + "\n"

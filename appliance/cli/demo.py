@@ -19,15 +19,21 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--workdir", type=Path, default=Path(".demo"))
     p.add_argument("--slices", type=int, default=100)
     p.add_argument("--no-wait", action="store_true", help="stop after the report even on a terminal")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="model packages to serve (default: the shipped demo model)")
     args = p.parse_args(argv)
     configure(args.log_level, args.json_logs)
-    demo = Demo(args.workdir.resolve(), slices=args.slices)
+    demo = Demo(args.workdir.resolve(), slices=args.slices, show_progress=sys.stdout.isatty())
+    if args.models_dir is not None:
+        demo.models_dir = args.models_dir.resolve()
     try:
         demo.start()
         report = demo.run_study()
         (args.workdir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         sys.stdout.write(format_report(report))
         sys.stdout.flush()
+        if report.get("failure"):
+            return 1
         if sys.stdin.isatty() and not args.no_wait:
             sys.stdout.write("Everything keeps running for you to look. Ctrl-C stops it all.\n")
             sys.stdout.flush()
