@@ -31,7 +31,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -42,6 +42,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicom_router.associate_rq import MalformedRequest, ae_titles, prefer_transfer_syntaxes
 from dicom_router.edge_socket import MAX_CONTROL_PDU, EdgeAssociationSocket
 from dicom_router.reactor import EventDrivenAssociation, tune_socket
 from dicom_router.settings import EdgeSettings, Peer, TlsMode
@@ -205,11 +206,15 @@ class Gate:
         Deadlines and caps.
     refusals
         Where refusals are logged and counted.
+    transfer_syntaxes
+        The ones we know: moved to the front of each proposed presentation context
+        (:func:`~dicom_router.associate_rq.prefer_transfer_syntaxes`).
     """
 
     def __init__(self, ae_title: str, peers: tuple[Peer, ...], settings: EdgeSettings,
-                 refusals: RefusalLog) -> None:
+                 refusals: RefusalLog, transfer_syntaxes: Collection[str] = ()) -> None:
         self.ae_title = ae_title.strip()
+        self.transfer_syntaxes = frozenset(transfer_syntaxes)
         self.settings = settings
         self.refusals = refusals
         self._peers: dict[tuple[str, str], Peer] = {}
@@ -276,8 +281,11 @@ class Gate:
                 raise _Refused(Refusal.OVERSIZED, f"{length} bytes declared")
             if length < _FIXED_RQ:
                 raise _Refused(Refusal.NOT_ASSOCIATE_RQ, "too short")
-            body = _read(sock, length, deadline)
-            admission = self._decide(sock, address, header + body, tls_context is not None)
+            request = header + _read(sock, length, deadline)
+            if self.transfer_syntaxes:
+                with contextlib.suppress(MalformedRequest):  # pynetdicom then rejects it with its reason
+                    request = prefer_transfer_syntaxes(request, self.transfer_syntaxes)
+            admission = self._decide(sock, address, request, tls_context is not None)
         except _Refused as refused:
             self.refusals.refused(refused.reason, address, refused.detail)
             if refused.reason in _REJECTIONS:
@@ -320,9 +328,7 @@ class Gate:
         return sock
 
     def _decide(self, sock: socket.socket, address: str, request: bytes, tls: bool) -> Admission:
-        body = request[6:]
-        called = body[4:20].decode("ascii", "replace").strip()
-        calling = body[20:36].decode("ascii", "replace").strip()
+        called, calling = ae_titles(request)
         if called != self.ae_title:
             raise _Refused(Refusal.WRONG_CALLED_AE, f"called {called!r} from {calling!r}")
         peer = self._peers.get((address, calling))

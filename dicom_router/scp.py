@@ -120,8 +120,10 @@ def serve_any_storage() -> None:
     pynetdicom's documented ``UNRESTRICTED_STORAGE_SERVICE`` every such request reaches
     :meth:`StorageSCP._on_store`, which answers it with a status (``0xA900`` when the data set's SOP
     class differs from the request's, ``0xC2xx`` when it is unreadable) and quarantines what it cannot
-    store. It applies to acceptors only (our SCUs are unaffected); the transfer syntax accepted for
-    such a context is the sender's first proposal.
+    store. It applies to acceptors only (our SCUs are unaffected). pynetdicom then accepts the first
+    transfer syntax proposed in a context; the edge puts the ones in :data:`STORAGE_TRANSFER_SYNTAXES`
+    first (:func:`dicom_router.associate_rq.prefer_transfer_syntaxes`), so another one is taken only
+    when the sender offers nothing else.
     """
     _config.UNRESTRICTED_STORAGE_SERVICE = True
 
@@ -262,7 +264,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, _on_accepted),
         ]
         refusals = RefusalLog(self._settings.edge.report_seconds, self._report_refusals)
-        self._gate = Gate(self._settings.ae_title, self._settings.peers, self._settings.edge, refusals)
+        self._gate = Gate(self._settings.ae_title, self._settings.peers, self._settings.edge, refusals,
+                          (*STORAGE_TRANSFER_SYNTAXES, ImplicitVRLittleEndian))
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if tls is None or tls.plain:
             listeners.append((self._settings.port, None))

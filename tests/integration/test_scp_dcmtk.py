@@ -329,3 +329,19 @@ def test_a_request_for_a_sop_class_we_do_not_know_gets_a_status(any_scp: Running
         assoc.release()
     assert len(any_scp.sink.quarantined) == 1
     assert "SOP Class UID differs" in any_scp.sink.quarantined[0].reason
+
+
+@pytest.mark.parametrize(("proposed", "accepted"), [
+    (["1.2.840.10008.1.2.4.100", ExplicitVRLittleEndian], ExplicitVRLittleEndian),  # MPEG-2 first: not taken
+    (["1.2.840.10008.1.2.4.100"], "1.2.840.10008.1.2.4.100"),  # nothing else offered: stored as sent
+    ([JPEG2000Lossless, ExplicitVRLittleEndian], JPEG2000Lossless),  # the sender's order among ours
+])
+def test_the_transfer_syntax_we_accept(any_scp: Running, proposed: list[str], accepted: str) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, proposed)
+    assoc = ae.associate("127.0.0.1", any_scp.port, ae_title="PORTICO")
+    assert assoc.is_established
+    try:
+        assert [str(c.transfer_syntax[0]) for c in assoc.accepted_contexts] == [accepted]
+    finally:
+        assoc.release()
