@@ -41,6 +41,29 @@ class AuditEvent(StrEnum):
     MODEL_ENABLED = "model_enabled"
     MODEL_DISABLED = "model_disabled"
     MODEL_REFUSED = "model_refused"
+    # the audit trail itself (appliance.audit_chain, appliance.atna_outbox, portico audit)
+    #: rows written before the hash chain existed were chained at upgrade, or a lost chain head was rebuilt
+    AUDIT_CHAINED = "audit_chained"
+    #: ``portico audit verify`` walked the chain (detail: ok, and the first problem found)
+    AUDIT_VERIFIED = "audit_verified"
+    #: ``portico audit export`` wrote rows out for an auditor
+    AUDIT_EXPORTED = "audit_exported"
+    #: the ATNA queue passed ``audit.syslog.queue_max``: its oldest unsent messages were dropped (counted)
+    ATNA_DROPPED = "atna_dropped"
+    # accounts (appliance.users): actor = the user name; detail has address and route, never a secret
+    #: a password sign-in succeeded (a session began)
+    SIGNED_IN = "signed_in"
+    SIGNED_OUT = "signed_out"
+    #: a wrong password, unknown or disabled user, or a wrong, expired or revoked bearer token
+    SIGN_IN_FAILED = "sign_in_failed"
+    #: a user name or an address was locked out after repeated failures (with what was refused meanwhile)
+    SIGN_IN_LOCKED = "sign_in_locked"
+    #: an account added, disabled, enabled, unlocked, or its password or roles changed
+    USER_CHANGED = "user_changed"
+    TOKEN_ISSUED = "token_issued"
+    TOKEN_REVOKED = "token_revoked"
+    #: retention (appliance.retention) removed a study's files and index rows, or quarantined files
+    PURGED = "purged"
 
 
 @dataclass(frozen=True)

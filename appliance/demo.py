@@ -58,7 +58,9 @@ def portico_config(workdir: Path, *, port: int, orthanc_dicom_port: int, models_
         cfg.setdefault(section, {}).update(values)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "portico.yaml"
+    path.touch(mode=0o600)  # owner-only, as `portico serve` asks of a configuration file in production
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    path.chmod(0o600)
     return path
 
 

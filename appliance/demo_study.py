@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -41,6 +43,8 @@ def write_ct_series(
     *,
     patient_name: str = DEMO_PATIENT_NAME,
     patient_id: str = DEMO_PATIENT_ID,
+    patient_birth_date: str = "19700101",
+    patient_sex: str = "O",
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
     series_description: str = "Phantom abdomen 2.5mm",
@@ -51,7 +55,8 @@ def write_ct_series(
     """Write ``hu`` (z, y, x) as one axial CT series, slice 0 inferior-most, one file per slice.
 
     ``order`` permutes which slice goes to which file name (to test slice-order independence);
-    ``transfer_syntax`` may be RLE or JPEG 2000 lossless to produce compressed files.
+    ``transfer_syntax`` may be RLE or JPEG 2000 lossless to produce compressed files. The patient's
+    name, ID, birth date and sex are written as given, conformant or not (tests send both).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_instance_uid or generate_uid(entropy_srcs=[patient_id, str(seed), "study"])
@@ -75,10 +80,10 @@ def write_ct_series(
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "Synthetic CT phantom (not a patient)"
         ds.SeriesDescription = series_description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
+        # as given, without pydicom's validation: tests write non-conformant values on purpose
+        for keyword, vr, value in (("PatientName", "PN", patient_name), ("PatientID", "LO", patient_id),
+                                   ("PatientBirthDate", "DA", patient_birth_date), ("PatientSex", "CS", patient_sex)):
+            ds.add(DataElement(keyword, vr, value, validation_mode=config.IGNORE))
         ds.BodyPartExamined = "ABDOMEN"
         ds.SliceThickness = f"{spacing[0]:g}"
         ds.KVP = "120"

@@ -1,4 +1,7 @@
-"""Writing a file so that it survives a crash once this returns: temp file, fsync, rename, fsync folders."""
+"""Writing a file so that it survives a crash once this returns: temp file, fsync, rename, fsync folders.
+
+Files are created owner-only (0600) and new folders 0700, whatever the umask (:mod:`appliance.file_modes`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
+from appliance.file_modes import PRIVATE_FILE, make_private_dirs
 from dicom_router.ports import SinkFullError
 
 
@@ -27,10 +32,10 @@ def write_durably(path: Path, data: bytes, *, fsync: bool = True, room_in: Path 
         if st.f_bavail * st.f_frsize < min_free_bytes + len(data):
             raise SinkFullError("not enough free space in the data folder")
     new_folder = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(folder)
     tmp = folder / f".{path.name}.{threading.get_ident()}.tmp"
     try:
-        with tmp.open("wb") as fh:
+        with _open_private(tmp) as fh:
             fh.write(data)
             if fsync:
                 fh.flush()
@@ -61,7 +66,7 @@ def move_durably(source: Path, path: Path, *, fsync: bool = True) -> None:
     folder = path.parent
     new_folder = not folder.exists()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(folder)
         if fsync:
             fd = os.open(source, os.O_RDONLY)
             try:
@@ -88,7 +93,8 @@ def move_durably(source: Path, path: Path, *, fsync: bool = True) -> None:
 def _copy_across(source: Path, path: Path, *, fsync: bool) -> None:
     tmp = path.parent / f".{path.name}.{threading.get_ident()}.tmp"
     try:
-        shutil.copyfile(source, tmp)
+        with source.open("rb") as src, _open_private(tmp) as out:
+            shutil.copyfileobj(src, out)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -100,6 +106,11 @@ def _copy_across(source: Path, path: Path, *, fsync: bool) -> None:
         tmp.unlink(missing_ok=True)
         raise
     source.unlink()
+
+
+def _open_private(path: Path) -> BinaryIO:
+    """``path`` opened for writing, created owner-only (0600) whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "wb")
 
 
 def fsync_dir(folder: Path) -> None:

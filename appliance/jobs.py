@@ -15,7 +15,7 @@ from appliance.models import ModelRegistry
 from appliance.review import Reviews
 from appliance.settings import Settings
 from appliance.store import Job, ResultFile, Store
-from inference.errors import InferenceError, PackageError, SeriesError
+from inference.errors import InferenceError, PackageError, ResultEncodingError, SeriesError, describe
 from inference.packages import ModelPackage
 from inference.pipeline import PipelineResult, run_segmentation
 from inference.results.summary import build_summary
@@ -23,8 +23,8 @@ from inference.runtime.onnxruntime import SessionCache
 
 log = logging.getLogger(__name__)
 
-#: errors that will not go away by trying again
-PERMANENT = (PackageError, SeriesError)
+#: errors that will not go away by trying again (building the same objects from the same inputs fails alike)
+PERMANENT = (PackageError, SeriesError, ResultEncodingError)
 
 
 class JobRunner:
@@ -45,13 +45,19 @@ class JobRunner:
         try:
             self._run(job)
         except PERMANENT as exc:
-            log.warning("job %d failed: %s", job.id, exc)
+            # an encoding failure is a library's: its traceback (messages withheld) says where
+            log.warning("job %d failed: %s: %s", job.id, exc.code, exc, exc_info=isinstance(exc, ResultEncodingError))
             self.store.fail_job(job, str(exc), exc.code, retry_in=None)
         except InferenceError as exc:
+            log.warning("job %d failed: %s: %s", job.id, exc.code, exc)
             self._retry_or_fail(job, str(exc), exc.code)
         except Exception as exc:  # a job must never take the service down
-            log.exception("job %d failed unexpectedly", job.id)
-            self._retry_or_fail(job, f"{type(exc).__name__}: {exc}", "unexpected")
+            # never str(exc): a library's message may quote the value it choked on (a birth date, a
+            # name); the type and where it was raised say enough, and the log's formatter keeps the
+            # traceback without the message (appliance.logs)
+            error = describe(exc)
+            log.exception("job %d failed: unexpected %s", job.id, error)
+            self._retry_or_fail(job, error, "unexpected")
         return job
 
     def _retry_or_fail(self, job: Job, error: str, code: str) -> None:

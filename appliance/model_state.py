@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from appliance.file_modes import create_private, make_private_dirs
+
 DB_NAME = "portico.sqlite3"
 
 SCHEMA = """
@@ -75,7 +77,8 @@ class ModelStates:
     def _tx(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         """One transaction on a fresh connection; ``write`` takes the write lock up front."""
         if not self._ready:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.db_path.parent)
+            create_private(self.db_path)  # owner-only, as the store makes it (appliance.file_modes)
         db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30.0)
         try:
             db.row_factory = sqlite3.Row

@@ -10,11 +10,13 @@ from types import FrameType
 
 from appliance.api.app import create_app
 from appliance.api_server import ApiServer
+from appliance.atna_sender import AuditForwarder
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.fl import build_supervisor
 from appliance.handoff import HandOff
 from appliance.jobs import JobRunner
 from appliance.models import ModelRegistry
+from appliance.retention import Retention, fl_cohort_studies
 from appliance.settings import Settings
 from appliance.store import Store
 from dicom_router.dispatch import Dispatcher
@@ -45,6 +47,8 @@ class Service:
                                      event_driven=settings.router.event_driven)
         self.scp = StorageSCP(settings.router, self.store, report_refusals=self._audit_refusals)
         self.fl = build_supervisor(settings, self.store) if settings.fl.enabled else None
+        self.audit_forwarder = AuditForwarder(self.store, settings.audit, settings.router.ae_title)
+        self.retention = Retention(self.store, settings.storage.retention, protected=fl_cohort_studies(settings))
         self._stop = threading.Event()
         self._wake_jobs = threading.Event()
         self._wake_dispatch = threading.Event()
@@ -52,6 +56,7 @@ class Service:
         self.api = ApiServer(settings, create_app(settings, self.store, self)) if settings.api.enabled else None
 
     def start(self) -> None:
+        self.audit_forwarder.start()  # first: every audit row from here on is queued for ATNA
         recovered = self.store.reindex()
         if recovered:
             log.warning("re-indexed %d instance file(s) the index had lost", recovered)
@@ -64,6 +69,8 @@ class Service:
         for n in range(self.settings.inference.workers):
             self._spawn(f"jobs-{n}", self._job_loop)
         self._spawn("dispatch", self._dispatch_loop)
+        if self.settings.storage.retention.interval_minutes > 0:
+            self._spawn("retention", self._retention_loop)
         if self.fl is not None:
             try:
                 self.fl.start()
@@ -113,6 +120,13 @@ class Service:
         self._wake_jobs.wait(0.5)
         self._wake_jobs.clear()
 
+    def _retention_loop(self) -> None:
+        try:
+            self.retention.purge()
+        except Exception:  # tried again at the next interval, not every second
+            log.exception("retention purge failed")
+        self._stop.wait(self.settings.storage.retention.interval_minutes * 60)
+
     def _dispatch_loop(self) -> None:
         self.dispatcher.run_once()
         self._wake_dispatch.wait(self.settings.dispatch.poll_seconds)
@@ -130,6 +144,7 @@ class Service:
         if self.fl is not None:
             self.fl.stop()
         self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "stop"}))
+        self.audit_forwarder.stop()
         self.store.close()
 
     def wait(self) -> None:

@@ -29,6 +29,27 @@ class Mode(StrEnum):
     DEV = "dev"
 
 
+class RetentionSettings(BaseModel):
+    """How long the data folder keeps what it holds (:mod:`appliance.retention`); ``0`` days: for ever.
+
+    Days count from the moment a study's work was finished (last instance received, last job
+    finished, last result delivered, review decided); a study with work still to do is never purged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: days to keep a study's received instances once every job of it is finished and delivered
+    instances_days: Annotated[int, Field(ge=0)] = 30
+    #: days to keep the result files (SEG, SR, SC and their compressed copies) once delivered
+    results_days: Annotated[int, Field(ge=0)] = 90
+    #: days to keep a quarantined file
+    quarantine_days: Annotated[int, Field(ge=0)] = 30
+    #: the quarantine's quota, MB: beyond it the oldest quarantined files go first (0: no quota)
+    quarantine_max_mb: Annotated[int, Field(ge=0)] = 1024
+    #: minutes between purges in ``portico serve`` (0: never in the service; ``portico purge`` only)
+    interval_minutes: Annotated[float, Field(ge=0)] = 60.0
+
+
 class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +59,8 @@ class StorageSettings(BaseModel):
     min_free_mb: Annotated[int, Field(ge=0)] = 512
     #: fsync every received instance before acknowledging it
     fsync: bool = True
+    #: what is purged, and when
+    retention: RetentionSettings = RetentionSettings()
 
 
 class ApiTlsSettings(BaseModel):
@@ -53,13 +76,52 @@ class ApiTlsSettings(BaseModel):
     client_ca: str | None = Field(default=None, min_length=1)
 
 
+class SessionSettings(BaseModel):
+    """Dashboard sessions (a cookie after ``POST /auth/login``): they end at whichever limit comes first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: a session ends this long after sign-in, however busy
+    absolute_hours: Annotated[float, Field(gt=0, le=24)] = 8.0
+    #: a session ends after this long without a request
+    idle_minutes: Annotated[float, Field(gt=0, le=24 * 60)] = 30.0
+
+
+class LockoutSettings(BaseModel):
+    """Failed sign-ins (passwords and bearer tokens) slow down, per user name and per client address.
+
+    After ``user_failures`` failures for one user name (``address_failures`` from one address) the next
+    attempt is refused (429, ``Retry-After``) for ``first_seconds``; each further failure doubles the wait,
+    up to ``max_seconds``. Failures are forgotten after ``forget_after_seconds`` without one, and a user's
+    on a successful sign-in.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    address_failures: Annotated[int, Field(ge=1, le=10000)] = 10
+    first_seconds: Annotated[float, Field(gt=0)] = 30.0
+    max_seconds: Annotated[float, Field(gt=0)] = 900.0
+    forget_after_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LockoutSettings:
+        if self.max_seconds < self.first_seconds:
+            raise ValueError("api.lockout.max_seconds must be at least first_seconds")
+        return self
+
+
 class ApiSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8042
-    token: SecretStr = SecretStr("change-me")
+    #: deprecated: one shared admin bearer token. Accounts (``portico users``) replace it; when set (not a
+    #: placeholder) it still opens everything as the admin ``api`` and the start-up log says it is deprecated
+    token: SecretStr | None = None
+    sessions: SessionSettings = SessionSettings()
+    lockout: LockoutSettings = LockoutSettings()
     #: serve HTTPS; none: plain HTTP
     tls: ApiTlsSettings | None = None
     #: plain HTTP from a reverse proxy that terminates TLS: its ``X-Forwarded-For`` and
@@ -91,6 +153,11 @@ class ApiSettings(BaseModel):
         """``https`` when we serve TLS ourselves, else ``http``."""
         return "http" if self.tls is None else "https"
 
+    @property
+    def legacy_token(self) -> SecretStr | None:
+        """The deprecated ``api.token`` when it is set to a real secret (a placeholder opens nothing)."""
+        return self.token if self.token is not None and not is_placeholder(self.token) else None
+
 
 class JobSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +181,70 @@ class ReviewSettings(BaseModel):
         return self.required or model in self.models
 
 
+class SyslogTransport(StrEnum):
+    """How audit messages travel to the collector (IHE ATNA, ITI-20)."""
+
+    #: RFC 5425: TLS, octet-counted frames
+    TLS = "tls"
+    #: RFC 6587: plain TCP, octet-counted frames
+    TCP = "tcp"
+    #: RFC 5426: one datagram per message; nothing confirms delivery
+    UDP = "udp"
+
+
+#: a syslog APP-NAME (RFC 5424): 1 to 48 printable US-ASCII characters, no space
+_APP_NAME = r"^[!-~]{1,48}$"
+
+
+class SyslogSettings(BaseModel):
+    """The ATNA audit record repository: a syslog collector (see :mod:`appliance.atna_sender`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1)
+    #: default: 6514 for ``tls`` (RFC 5425), 514 for ``tcp`` and ``udp``
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    transport: SyslogTransport = SyslogTransport.TLS
+    #: PEM file of the CAs that verify the collector's certificate (``tls``); none: the system's store
+    ca_bundle: str | None = Field(default=None, min_length=1)
+    #: PEM files of our client certificate and its key, for a collector that asks for one (``tls``)
+    certificate: str | None = Field(default=None, min_length=1)
+    private_key: str | None = Field(default=None, min_length=1)
+    #: the syslog header's APP-NAME and our processes' UserID in the messages
+    app_name: Annotated[str, Field(pattern=_APP_NAME)] = "portico"
+    #: unsent messages kept while the collector is away; beyond, the oldest are dropped (and that is audited)
+    queue_max: Annotated[int, Field(ge=10)] = 100_000
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> SyslogSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("audit.syslog.certificate and private_key go together")
+        if self.transport is not SyslogTransport.TLS and (self.ca_bundle or self.certificate):
+            raise ValueError("audit.syslog.ca_bundle, certificate and private_key need transport: tls")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 6514 if self.transport is SyslogTransport.TLS else 514
+
+
+class AuditSettings(BaseModel):
+    """The audit trail's copies beyond this machine (:mod:`appliance.atna_sender`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: send every audit event that has an ATNA mapping to this collector; none: the local trail only
+    syslog: SyslogSettings | None = None
+    #: AuditSourceID in the messages; default ``<router.ae_title>@<host name>``
+    source_id: str | None = Field(default=None, min_length=1)
+    #: AuditEnterpriseSiteID in the messages (e.g. the trust's ODS code)
+    site_id: str | None = Field(default=None, min_length=1)
+    #: minutes between log lines that anchor the chain's head (id and hash), when it moved
+    anchor_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+
 class Settings(BaseSettings):
     """The appliance's whole configuration."""
 
@@ -128,12 +259,13 @@ class Settings(BaseSettings):
     review: ReviewSettings = ReviewSettings()
     api: ApiSettings = ApiSettings()
     fl: FLSettings = FLSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:
-        if (self.mode is Mode.PRODUCTION and self.api.enabled
-                and self.api.token.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS):
-            raise ValueError("api.token is a placeholder; set a real secret (or mode: dev)")
+        if self.mode is Mode.PRODUCTION and self.api.enabled and self.api.token is not None \
+                and is_placeholder(self.api.token):
+            raise ValueError("api.token is a placeholder; remove it (accounts: portico users) or set a real secret")
         for sender in self.router.stow_senders:
             if (self.mode is Mode.PRODUCTION
                     and sender.token.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS):
@@ -142,7 +274,7 @@ class Settings(BaseSettings):
         tokens = [s.token.get_secret_value() for s in self.router.stow_senders]
         if len(set(names)) != len(names) or len(set(tokens)) != len(tokens):
             raise ValueError("router.stow_senders: every sender needs its own name and its own token")
-        if self.api.token.get_secret_value() in tokens:
+        if self.api.token is not None and self.api.token.get_secret_value() in tokens:
             raise ValueError("router.stow_senders: a sender's token must differ from api.token")
         return self
 
@@ -188,6 +320,11 @@ class Settings(BaseSettings):
         return Path(self.inference.models_dir).resolve()
 
 
+def is_placeholder(secret: SecretStr) -> bool:
+    """Whether ``secret`` is empty or one of the well-known placeholders (``change-me``…)."""
+    return secret.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine only; ``0.0.0.0`` is not."""
     if host == "localhost":
@@ -198,15 +335,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def config_path(path: Path | None = None) -> Path | None:
+    """The configuration file :func:`load_settings` reads: ``path``, ``$PORTICO_CONFIG`` or ``./portico.yaml``."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    if path is None and Path("portico.yaml").is_file():
+        path = Path("portico.yaml")
+    return path
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Load ``path`` (or ``$PORTICO_CONFIG``, or ``./portico.yaml`` when present) plus environment.
 
     Relative paths inside the file are taken relative to the file's folder.
     """
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
-    if path is None and Path("portico.yaml").is_file():
-        path = Path("portico.yaml")
+    path = config_path(path)
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -229,6 +372,9 @@ PATH_SETTINGS: tuple[tuple[str, ...], ...] = (
     ("api", "tls", "certificate"),
     ("api", "tls", "private_key"),
     ("api", "tls", "client_ca"),
+    ("audit", "syslog", "ca_bundle"),
+    ("audit", "syslog", "certificate"),
+    ("audit", "syslog", "private_key"),
 )
 
 

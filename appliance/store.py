@@ -23,8 +23,10 @@ from typing import Any
 
 from pydicom import dcmread
 
+from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.durable import move_durably, write_durably
+from appliance.file_modes import create_private, make_private_dirs
 from appliance.store_schema import SCHEMA
 from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.uids import is_valid_uid
@@ -110,11 +112,13 @@ class Store:
         #: STOW-RS parts on their way in (SpoolingSink); inside the data folder, so taking one over is a rename
         self.spool_dir = data_dir / "spool"
         for folder in (self.instances_dir, self.results_dir, self.quarantine_dir, self.spool_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(folder)
         _sweep_stale(self.spool_dir)
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._lock = threading.RLock()
+        # owner-only before SQLite opens it: its -wal and -shm files take the database file's mode
+        create_private(data_dir / "portico.sqlite3")
         self._db = sqlite3.connect(data_dir / "portico.sqlite3", check_same_thread=False,
                                    isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
@@ -124,6 +128,9 @@ class Store:
         # acknowledged file is the truth and one fsync per instance is saved
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        if audit_chain.needs_upgrade(self._db):  # a database from before the audit chain is chained once, here
+            with self._tx() as db:
+                audit_chain.upgrade(db)
 
     def close(self) -> None:
         with self._lock:
@@ -152,12 +159,11 @@ class Store:
 
     @staticmethod
     def audit_in(db: sqlite3.Connection, rec: AuditRecord) -> None:
-        """Append ``rec`` inside the caller's transaction."""
-        db.execute(
-            "INSERT INTO audit (ts, event, study_uid, job_id, actor, detail) VALUES (?,?,?,?,?,?)",
-            (time.time(), str(rec.event), rec.study_uid, rec.job_id, rec.actor,
-             json.dumps(rec.detail, sort_keys=True)),
-        )
+        """Append ``rec`` to the audit chain inside the caller's write transaction (:meth:`transaction`).
+
+        The row, the chain's new head and the row's ATNA queue entry commit together or not at all.
+        """
+        audit_chain.append(db, rec)
 
     _audit = audit_in
 

@@ -1,5 +1,8 @@
 """The appliance database's tables: studies, instances, runs, jobs, results, outbox, audit, quarantine.
 
+The audit table carries a hash chain (:mod:`appliance.audit_chain`, which adds ``prev_hash`` and ``hash``
+to databases older than the chain); ``atna_outbox`` queues its rows for the ATNA collector.
+
 Created idempotently at every start (``CREATE … IF NOT EXISTS``); review and model state add their own.
 """
 
@@ -64,6 +67,8 @@ CREATE TABLE IF NOT EXISTS results (
     path TEXT NOT NULL,
     detail TEXT
 );
+-- a job's results and outbox rows, by job (results of a job, review, retention's per-study checks)
+CREATE INDEX IF NOT EXISTS results_job ON results(job_id);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL,
@@ -79,6 +84,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at REAL,
     UNIQUE (destination, sop_instance_uid)
 );
+CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -86,8 +92,25 @@ CREATE TABLE IF NOT EXISTS audit (
     study_uid TEXT,
     job_id INTEGER,
     actor TEXT NOT NULL,
-    detail TEXT NOT NULL
+    detail TEXT NOT NULL,
+    prev_hash TEXT,
+    hash TEXT
 );
+-- the audit chain's head (appliance.audit_chain): one row; atna: whether new rows queue an ATNA message
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_id INTEGER NOT NULL,
+    last_hash TEXT NOT NULL,
+    atna INTEGER NOT NULL DEFAULT 0
+);
+-- one row per audit row waiting for (or done with) its ATNA message (appliance.atna_outbox)
+CREATE TABLE IF NOT EXISTS atna_outbox (
+    audit_id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    written_at REAL,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS atna_outbox_state ON atna_outbox(state, audit_id);
 CREATE TABLE IF NOT EXISTS quarantine (
     id TEXT PRIMARY KEY,
     ts REAL NOT NULL,

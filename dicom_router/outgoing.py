@@ -62,7 +62,7 @@ def file_info(path: Path) -> OutgoingFile:
     except FileNotFoundError as exc:
         raise DispatchError(f"file missing: {path.name}", permanent=True) from exc
     except Exception as exc:
-        raise DispatchError(f"not a DICOM Part 10 file: {path.name} ({exc})", permanent=True) from exc
+        raise DispatchError(f"not a DICOM Part 10 file: {path.name} ({type(exc).__name__})", permanent=True) from exc
     try:
         return OutgoingFile(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
                      str(meta.TransferSyntaxUID))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def compressed_copy(path: Path, compression: Compression) -> Variant | None:
         tmp = cached.with_name(cached.name + ".tmp")
         ds.save_as(tmp, enforce_file_format=True)
         del ds
+        # the copy is as private as the original (owner-only in the appliance's data folder)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         _check_lossless(tmp, original)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -88,7 +91,8 @@ def compressed_copy(path: Path, compression: Compression) -> Variant | None:
     except TranscodeError:
         raise
     except Exception as exc:
-        raise TranscodeError(f"cannot compress {path.name} to {target.name}: {exc}") from exc
+        # the encoder's type only: its message may quote header values
+        raise TranscodeError(f"cannot compress {path.name} to {target.name}: {type(exc).__name__}") from exc
     finally:
         cached.with_name(cached.name + ".tmp").unlink(missing_ok=True)
     LOGGER.debug("compressed %s to %s: %d -> %d bytes", path.name, target.name, path.stat().st_size,

@@ -211,9 +211,10 @@ def install_kit(source: Path, layout: SiteLayout, *, python: str | None = None, 
         shutil.copytree(kit / "startup", target / "startup")
         shutil.copytree(kit / "local", target / "local") if (kit / "local").is_dir() else (target / "local").mkdir()
         (target / "transfer").mkdir()
+        # read-only and owner-only, like everything in the appliance's data folder
         for path in (target / "startup").iterdir():
-            path.chmod(0o400 if path.suffix == ".key" else (0o555 if path.suffix == ".sh" else 0o444))
-        (target / "startup").chmod(0o555)
+            path.chmod(0o500 if path.suffix == ".sh" else 0o400)
+        (target / "startup").chmod(0o500)
         old = layout.root / ".site-old"
         if layout.site.exists():
             _make_writable(layout.site)

@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from inference.errors import InferenceError, ResultEncodingError, describe
 from inference.measurements import SegmentMeasurement, measure
 from inference.packages import ModelPackage, SegType
 from inference.predict import segment, segment_with_probabilities
@@ -40,6 +41,15 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
 
     ``run_key`` names the run (study, series, run version): derived UIDs come from it and the model
     version, so running the same inputs again yields the same objects.
+
+    Raises
+    ------
+    SeriesError
+        When the files are not one usable series.
+    ResultEncodingError
+        When the SEG or SR cannot be built; its message names the failing call, never a value.
+    InferenceError
+        For other failures of the model or its runtime.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -56,12 +66,18 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     timings["inference"] = t2 - t1
     # measurements (and the SR) always come from the label map, whichever SEG encodes the result
     measurements = measure(labels, volume, manifest.output.segments)
-    if probabilities is not None:
-        seg = build_fractional_seg(volume, probabilities, manifest, settings.device, settings.uid_root, run_key)
-        del probabilities
-    else:
-        seg = build_seg(volume, labels, manifest, settings.device, settings.uid_root, run_key)
-    sr = build_sr(seg, volume, measurements, manifest, settings.device, settings.uid_root, run_key)
+    try:
+        if probabilities is not None:
+            seg = build_fractional_seg(volume, probabilities, manifest, settings.device, settings.uid_root,
+                                       run_key)
+            del probabilities
+        else:
+            seg = build_seg(volume, labels, manifest, settings.device, settings.uid_root, run_key)
+        sr = build_sr(seg, volume, measurements, manifest, settings.device, settings.uid_root, run_key)
+    except (InferenceError, MemoryError):
+        raise
+    except Exception as exc:  # highdicom and pydicom raise many types, and their messages may quote values
+        raise ResultEncodingError(f"the SEG and SR could not be built: {describe(exc)}") from exc
     timings["encode"] = time.perf_counter() - t2
     return PipelineResult(seg=seg, sr=sr, measurements=measurements, provider=model.provider, volume=volume,
                           labels=labels, timings=timings)

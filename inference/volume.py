@@ -191,8 +191,12 @@ def _read_header(path: Path, k: int) -> Dataset:
         if not ds.get("SOPInstanceUID") and meta.get("MediaStorageSOPInstanceUID"):
             ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class in NON_IMAGE_SOP_CLASSES or str(ds.get("Modality", "")) in NON_IMAGE_MODALITIES:
-        raise SeriesError(f"instance {k}: not an image ({ds.get('Modality', '?')}, SOP class {sop_class})")
+    modality = str(ds.get("Modality", ""))
+    # the message names only values from our own lists, never what the file says otherwise
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        raise SeriesError(f"instance {k}: not an image (SOP class {sop_class})")
+    if modality in NON_IMAGE_MODALITIES:
+        raise SeriesError(f"instance {k}: not an image (modality {modality})")
     if "Rows" not in ds or "Columns" not in ds:
         raise SeriesError(f"instance {k}: not an image (no Rows/Columns)")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")
@@ -244,9 +248,21 @@ def _plane(k: int, frame: int, position: Any, orientation: Any, pixel_spacing: A
         row_dir=row_dir,
         col_dir=col_dir,
         pixel_spacing=(float(ps[0]), float(ps[1])),
-        slope=float(slope) if slope not in (None, "") else 1.0,
-        intercept=float(intercept) if intercept not in (None, "") else 0.0,
+        slope=_rescale(slope, 1.0, "RescaleSlope", k),
+        intercept=_rescale(intercept, 0.0, "RescaleIntercept", k),
     )
+
+
+def _rescale(value: Any, default: float, what: str, k: int) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as exc:  # float()'s message quotes the value
+        raise SeriesError(f"instance {k}: unreadable {what}") from exc
+    if not np.isfinite(out):
+        raise SeriesError(f"instance {k}: {what} must be finite")
+    return out
 
 
 def _group(item: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
@@ -363,5 +379,5 @@ def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, p
     except SeriesError:
         raise
     except Exception as exc:  # decoders raise many types; all mean "this pixel data is unusable"
-        raise SeriesError(f"instance {k}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
-                          ) from exc
+        # the decoder's type only: its message may quote header values
+        raise SeriesError(f"instance {k}: pixel data cannot be decoded ({type(exc).__name__})") from exc

@@ -1,4 +1,4 @@
-"""What the routers work on: settings, the store, and the running service when there is one."""
+"""What the routers work on: settings, the store, accounts, and the running service when there is one."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 from appliance.models import ModelRegistry
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.users import Accounts
 
 if TYPE_CHECKING:  # the service builds the app: importing it here at run time would be circular
     from appliance.service import Service
 
-#: who the audit records for changes made through the API
+#: who the audit records for changes made with the deprecated shared ``api.token``
 ACTOR = "api"
 
 
@@ -24,12 +25,15 @@ class ApiContext:
     ----------
     settings, store
         The appliance's settings and state store.
+    accounts
+        Users, tokens and sessions, in the store's database.
     service
         The running ``portico serve`` service; ``None`` for an API beside no service (tests, tools).
     """
 
     settings: Settings
     store: Store
+    accounts: Accounts
     service: Service | None = None
     _registry: ModelRegistry | None = field(default=None, repr=False)
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path
+from fastapi import APIRouter, Body, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.api.context import ACTOR, ApiContext
+from appliance.api.auth import principal_of
+from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
 from appliance.fl import decide_job, layout_of
+from appliance.identity import Principal
 from fl_client.approvals import DecisionKind
 from fl_client.supervisor import site_status
 
 #: NVFlare job ids are UUIDs; the id also names a file, so nothing that could leave its folder
 JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+Who = Annotated[Principal, Depends(principal_of)]
 
 
 class DecisionIn(BaseModel):
@@ -44,20 +47,20 @@ def build_router(ctx: ApiContext) -> APIRouter:
             return supervisor.status()
         return site_status(layout_of(ctx.settings))
 
-    def decide(job_id: str, decision: DecisionKind, body: DecisionIn | None) -> DecisionOut:
+    def decide(job_id: str, decision: DecisionKind, body: DecisionIn | None, actor: str) -> DecisionOut:
         try:
-            made = decide_job(ctx.settings, ctx.store, job_id, decision, ACTOR, body.reason if body else "")
+            made = decide_job(ctx.settings, ctx.store, job_id, decision, actor, body.reason if body else "")
         except KeyError:
             raise ApiError(404, "not_found", f"FL job {job_id} has not asked to run at this site") from None
         return DecisionOut(job_id=made.job_id, decision=made.decision, name=made.name, submitter=made.submitter,
                            actor=made.actor, reason=made.reason, at=made.at)
 
     @router.post("/jobs/{job_id}/approve")
-    def approve(job_id: JobId, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
-        return decide(job_id, "approved", body)
+    def approve(job_id: JobId, who: Who, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+        return decide(job_id, "approved", body, who.name)
 
     @router.post("/jobs/{job_id}/reject")
-    def reject(job_id: JobId, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
-        return decide(job_id, "rejected", body)
+    def reject(job_id: JobId, who: Who, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+        return decide(job_id, "rejected", body, who.name)
 
     return router

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel
 
-from appliance.api.context import ACTOR, ApiContext
+from appliance.api.auth import principal_of
+from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
+from appliance.identity import Principal
 from appliance.models import ModelRegistry, VersionStatus
 from inference.errors import PackageError
 
 _REF = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
 Name = Annotated[str, Path(min_length=1, max_length=128, pattern=_REF)]
 Version = Annotated[str, Path(min_length=1, max_length=64, pattern=_REF)]
+Who = Annotated[Principal, Depends(principal_of)]
 
 
 class ModelVersionOut(BaseModel):
@@ -73,35 +76,35 @@ def build_router(ctx: ApiContext) -> APIRouter:
         return [ModelVersionOut.of(s) for s in ctx.registry.statuses()]
 
     @router.post("/{name}/{version}/promote")
-    def promote(name: Name, version: Version) -> Promoted:
+    def promote(name: Name, version: Version, who: Who) -> Promoted:
         registry = ctx.registry
         _require_installed(registry, name, version)
         state = registry.states.get(name, version) if registry.states is not None else None
         if state is not None and not state.enabled:
             raise ApiError(409, "conflict", f"{name}@{version} is disabled; enable it before promoting it")
         try:
-            previous = registry.promote(name, version, ACTOR)
+            previous = registry.promote(name, version, who.name)
         except PackageError as exc:
             raise _refused(exc) from None
         return Promoted(name=name, version=version, previous=previous)
 
-    def set_enabled(name: str, version: str, enabled: bool) -> EnabledChange:
+    def set_enabled(name: str, version: str, enabled: bool, actor: str) -> EnabledChange:
         registry = ctx.registry
         recorded = registry.states is not None and registry.states.get(name, version) is not None
         if enabled or not recorded:  # disabling a recorded version whose folder is gone is allowed
             _require_installed(registry, name, version)
         try:
-            before = registry.set_enabled(name, version, enabled, ACTOR)
+            before = registry.set_enabled(name, version, enabled, actor)
         except PackageError as exc:
             raise _refused(exc) from None
         return EnabledChange(name=name, version=version, enabled=enabled, was_enabled=before)
 
     @router.post("/{name}/{version}/enable")
-    def enable(name: Name, version: Version) -> EnabledChange:
-        return set_enabled(name, version, True)
+    def enable(name: Name, version: Version, who: Who) -> EnabledChange:
+        return set_enabled(name, version, True, who.name)
 
     @router.post("/{name}/{version}/disable")
-    def disable(name: Name, version: Version) -> EnabledChange:
-        return set_enabled(name, version, False)
+    def disable(name: Name, version: Version, who: Who) -> EnabledChange:
+        return set_enabled(name, version, False, who.name)
 
     return router

@@ -1,22 +1,27 @@
 """``/review``: finished jobs' results waiting for a reviewer, and approving or rejecting them (audited).
 
-The reviewer's name comes in the body; the token says only that the caller may use the API, so the
-audit row records the name given and ``via: api``.
+The reviewer recorded (and audited, ``via: api``) is the signed-in user the guard let in, never a name
+typed in the body: a body that still names a ``reviewer`` is refused (422).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.api.context import ACTOR, ApiContext
+from appliance.api.auth import principal_of
+from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
+from appliance.identity import Principal
 from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState
 
 _STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
 StateQuery = Annotated[str, Query(pattern=f"^({'|'.join(_STATES)})$")]
+Who = Annotated[Principal, Depends(principal_of)]
+#: how a decision made here is recorded (the CLI's are ``cli``)
+VIA = "api"
 
 
 class ResultOut(BaseModel):
@@ -61,8 +66,6 @@ class DecisionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Annotated[str, Field(max_length=1000)] = ""
-    #: who decided (recorded and audited); ``api`` when not given
-    reviewer: Annotated[str, Field(min_length=1, max_length=128)] = ACTOR
     #: decide on results that were not held (they went out when the job finished)
     retrospective: bool = False
 
@@ -109,18 +112,18 @@ def build_router(ctx: ApiContext) -> APIRouter:
             raise _error(exc) from None
 
     @router.post("/{job_id}/approve")
-    def approve(job_id: int, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
+    def approve(job_id: int, who: Who, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
         body = body or DecisionIn()
         try:
-            return DecisionOut.of(book.approve(job_id, body.reviewer, body.reason, via=ACTOR,
+            return DecisionOut.of(book.approve(job_id, who.name, body.reason, via=VIA,
                                                retrospective=body.retrospective))
         except (ReviewError, ValueError) as exc:
             raise _error(exc) from None
 
     @router.post("/{job_id}/reject")
-    def reject(job_id: int, body: RejectionIn) -> DecisionOut:
+    def reject(job_id: int, body: RejectionIn, who: Who) -> DecisionOut:
         try:
-            return DecisionOut.of(book.reject(job_id, body.reviewer, body.reason, via=ACTOR,
+            return DecisionOut.of(book.reject(job_id, who.name, body.reason, via=VIA,
                                               retrospective=body.retrospective))
         except (ReviewError, ValueError) as exc:
             raise _error(exc) from None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from appliance.file_modes import OWNER_ONLY_UMASK
 
 COMMANDS = {
     "serve": ("appliance.cli.serve", "run the appliance (SCP, jobs, dispatch)"),
@@ -16,6 +19,9 @@ COMMANDS = {
     "fl": ("appliance.cli.fl", "fl enrol|request|status|approve|reject|cohort|export|run: federated learning"),
     "review": ("appliance.cli.review", "review list|show|approve|reject: results held for a reviewer"),
     "status": ("appliance.cli.status", "studies, jobs and outbox at a glance"),
+    "audit": ("appliance.cli.audit", "audit verify | export: the tamper-evident audit trail"),
+    "users": ("appliance.cli.users", "users add|list|disable|enable|passwd|roles|token|tokens|revoke|unlock: accounts"),
+    "purge": ("appliance.cli.purge", "purge [--dry-run]: remove what storage.retention no longer keeps"),
 }
 
 USAGE = "usage: portico COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
@@ -32,5 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"portico: unknown command {name!r}\n{USAGE}\n")
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    result: int = module.main(rest)
+    # owner-only files and folders, whatever creates them (appliance.file_modes); children inherit it
+    previous = os.umask(OWNER_ONLY_UMASK)
+    try:
+        result: int = module.main(rest)
+    finally:
+        os.umask(previous)
     return result

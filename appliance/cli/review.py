@@ -2,8 +2,12 @@
 
     portico review list [--state held|approved|rejected|unreviewed|all] [--json]
     portico review show JOB [--json]
-    portico review approve JOB [--reason TEXT] [--reviewer NAME] [--retrospective]
-    portico review reject JOB --reason TEXT [--reviewer NAME] [--retrospective]
+    portico review approve JOB [--reason TEXT] [--retrospective]
+    portico review reject JOB --reason TEXT [--retrospective]
+
+The CLI runs on the appliance as an operating-system user: a decision is recorded (and audited) as
+``cli:<login name>``, never as a name typed on the command line. People review as themselves through
+the dashboard or the API (``portico users``).
 
 ``--retrospective`` decides on results that were not held (they went out when the job finished):
 approving makes its SEG a training label, rejecting keeps it out of training and stops what is not
@@ -27,11 +31,12 @@ from appliance.store import Store
 _STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
 
 
-def _user() -> str:
+def _actor() -> str:
+    """``cli:<login name>``: who a decision made here is recorded as."""
     try:
-        return getpass.getuser()
+        return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
-        return "admin"
+        return "cli"
 
 
 def _when(ts: float | None) -> str:
@@ -100,7 +105,6 @@ def main(argv: Sequence[str]) -> int:
         d = also_after(sub.add_parser(name, help=f"{name} a job's results"))
         d.add_argument("job_id", type=int)
         d.add_argument("--reason", required=needs_reason, default="")
-        d.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
         d.add_argument("--retrospective", action="store_true",
                        help="decide on results that were not held (already released)")
     args = p.parse_args(argv)
@@ -119,9 +123,8 @@ def main(argv: Sequence[str]) -> int:
             sys.stdout.write((json.dumps(_as_json(review, True), indent=2) if args.as_json else _show(review))
                              + "\n")
         else:
-            reviewer = args.reviewer or _user()
             decide = reviews.approve if args.action == "approve" else reviews.reject
-            outcome = decide(args.job_id, reviewer, args.reason, via="cli", retrospective=args.retrospective)
+            outcome = decide(args.job_id, _actor(), args.reason, via="cli", retrospective=args.retrospective)
             sys.stdout.write(_decided(outcome) + "\n")
     except (ReviewError, ValueError) as exc:
         sys.stderr.write(f"portico review {args.action}: {exc}\n")

@@ -1,7 +1,8 @@
 """The web dashboard: static HTML, CSS and JavaScript under ``/ui/``, served as they are (no build step).
 
 The files are public so a browser can load the sign-in form; every piece of data the page shows comes
-from the token-protected JSON API, with the token the user types in. Each UI response carries a strict
+from the JSON API, as the user who signed in (a session cookie, :mod:`appliance.api.signin`), within what
+their roles allow. Each UI response carries a strict
 Content-Security-Policy (scripts and styles from these files only, nothing from elsewhere) and refuses
 framing, sniffing and referrers.
 """

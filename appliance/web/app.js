@@ -1,11 +1,13 @@
 // Portico dashboard: plain JavaScript over the appliance's JSON API.
-// The API token lives in sessionStorage only (this tab, until it closes) and travels in the
-// Authorization header, never in a URL. Text from the API goes into the page as text, never as HTML.
+// Signing in gives an HttpOnly session cookie this script never sees; nothing is kept in web storage.
+// Every request carries X-Requested-With (the API refuses a change from a signed-in browser without it).
+// Text from the API goes into the page as text, never as HTML.
 "use strict";
 
 (function () {
-  const SESSION_KEY = "portico.session";
   const $ = (id) => document.getElementById(id);
+  // who is signed in (GET /auth/me): { user, roles, permissions, via }
+  let me = null;
 
   class ApiError extends Error {
     constructor(status, body) {
@@ -18,22 +20,13 @@
     }
   }
 
-  function session() {
-    try {
-      const value = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
-      return value && value.token ? value : null;
-    } catch (e) {
-      return null;
-    }
+  function may(permission) {
+    return Boolean(me && me.permissions.indexOf(permission) >= 0);
   }
 
   async function api(path, options) {
-    const current = session();
-    if (!current) {
-      throw new ApiError(401, { code: "unauthorized", message: "please sign in" });
-    }
-    const init = Object.assign({ method: "GET", cache: "no-store", credentials: "omit" }, options || {});
-    init.headers = { Authorization: "Bearer " + current.token, Accept: "application/json" };
+    const init = Object.assign({ method: "GET", cache: "no-store", credentials: "same-origin" }, options || {});
+    init.headers = { Accept: "application/json", "X-Requested-With": "portico" };
     if (init.body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(init.body);
@@ -51,6 +44,7 @@
       body = null;
     }
     if (!response.ok) {
+      // a lockout (429) says in its message how long to wait
       throw new ApiError(response.status, body);
     }
     return body;
@@ -70,8 +64,8 @@
       box.append(small);
     }
     box.hidden = false;
-    if (err.status === 401) {
-      signOut(false);
+    if (err.status === 401 && me) {
+      signedOut(false);
     }
   }
 
@@ -176,6 +170,12 @@
       cell(row, m.voxel_count === undefined ? "–" : m.voxel_count);
     }
 
+    if (!may("review.decide")) {
+      // the API refuses a decision anyway; no button is offered for one
+      item.querySelector("form").remove();
+      item.querySelector(".read-only").hidden = false;
+      return item;
+    }
     const reason = item.querySelector("textarea");
     reason.id = "reason-" + detail.job_id;
     item.querySelector("label").htmlFor = reason.id;
@@ -212,7 +212,7 @@
     try {
       const outcome = await api("/review/" + encodeURIComponent(jobId) + "/" + action, {
         method: "POST",
-        body: { reviewer: session().reviewer, reason: reason, retrospective: false },
+        body: { reason: reason, retrospective: false },
       });
       item.remove();
       $("queue-empty").hidden = $("queue-items").children.length > 0;
@@ -246,6 +246,8 @@
   }
 
   const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed };
+  // what each view reads (appliance.roles)
+  const VIEW_PERMISSIONS = { status: "status.read", queue: "review.read", reviewed: "review.read" };
 
   async function show(name) {
     for (const view of Object.keys(VIEWS)) {
@@ -267,19 +269,25 @@
 
   // --- signing in and out --------------------------------------------------------------------
 
-  function signedIn(current) {
+  function signedIn(who) {
+    me = who;
     $("sign-in").hidden = true;
     $("tabs").hidden = false;
     $("who").hidden = false;
-    $("who-name").textContent = "Signed in as " + current.reviewer;
+    $("who-name").textContent = "Signed in as " + who.user;
+    $("who-roles").textContent = "(" + who.roles.join(", ") + ")";
+    // views the roles cannot read are not offered (the API refuses them anyway)
+    for (const tab of document.querySelectorAll("#tabs button")) {
+      tab.hidden = !may(VIEW_PERMISSIONS[tab.dataset.view]);
+    }
   }
 
-  function signOut(clear) {
-    sessionStorage.removeItem(SESSION_KEY);
+  function signedOut(clear) {
+    me = null;
     for (const view of Object.keys(VIEWS)) {
       $("view-" + view).hidden = true;
     }
-    // nothing fetched with the old token stays on the page
+    // nothing fetched while signed in stays on the page
     $("queue-items").textContent = "";
     for (const id of ["jobs-by-state", "outbox-by-state", "recent-jobs", "reviewed-table"]) {
       $(id).tBodies[0].textContent = "";
@@ -288,48 +296,68 @@
     $("quarantined").textContent = "";
     $("tabs").hidden = true;
     $("who").hidden = true;
+    $("who-name").textContent = "";
+    $("who-roles").textContent = "";
     $("sign-in").hidden = false;
-    $("token").value = "";
+    $("password").value = "";
     if (clear) {
       clearNotices();
     }
   }
 
+  async function onSignOut() {
+    clearNotices();
+    try {
+      await api("/auth/logout", { method: "POST" });
+    } catch (err) {
+      // the session is gone either way once the server or its idle limit ends it
+    }
+    signedOut(true);
+    announce("Signed out.");
+  }
+
   async function onSignIn(event) {
     event.preventDefault();
     clearNotices();
-    const token = $("token").value.trim();
-    const reviewer = $("reviewer").value.trim();
-    if (!token || !reviewer) {
-      showError({ code: "invalid_request", message: "enter the API token and your name." });
+    const username = $("username").value.trim();
+    const password = $("password").value;
+    if (!username || !password) {
+      showError({ code: "invalid_request", message: "enter your user name and password." });
       return;
     }
-    sessionStorage.setItem(SESSION_KEY, JSON.stringify({ token: token, reviewer: reviewer }));
+    let who;
     try {
-      await api("/status");  // check the token before showing anything
+      who = await api("/auth/login", { method: "POST", body: { username: username, password: password } });
     } catch (err) {
       showError(err);
-      sessionStorage.removeItem(SESSION_KEY);
       return;
+    } finally {
+      $("password").value = "";
     }
-    $("token").value = "";
-    signedIn(session());
-    await show("status");
+    signedIn(who);
+    await show(firstView());
   }
 
-  document.addEventListener("DOMContentLoaded", () => {
+  function firstView() {
+    return Object.keys(VIEWS).find((view) => may(VIEW_PERMISSIONS[view])) || "status";
+  }
+
+  document.addEventListener("DOMContentLoaded", async () => {
     $("sign-in-form").addEventListener("submit", onSignIn);
-    $("sign-out").addEventListener("click", () => signOut(true));
+    $("sign-out").addEventListener("click", onSignOut);
     for (const tab of document.querySelectorAll("#tabs button")) {
       tab.addEventListener("click", () => { clearNotices(); show(tab.dataset.view); });
     }
     for (const button of document.querySelectorAll("[data-refresh]")) {
       button.addEventListener("click", () => { clearNotices(); show(button.dataset.refresh); });
     }
-    const current = session();
-    if (current) {
-      signedIn(current);
-      show("status");
+    try {  // a session from before a reload is still good until it ends
+      signedIn(await api("/auth/me"));
+      await show(firstView());
+    } catch (err) {
+      if (err.status !== 401) {
+        showError(err);
+      }
     }
   });
 })();

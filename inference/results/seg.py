@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.measurements import as_label_map
 from inference.packages import Code, Manifest
+from inference.results.patient import conform
 from inference.results.uids import DerivedUids, derive_uid, derived_uids
 from inference.settings import DeviceIdentity
 from inference.volume import Volume
@@ -67,6 +68,17 @@ def algorithm_identification(manifest: Manifest) -> hd.AlgorithmIdentificationSe
         name=lo(manifest.title), family=coded(manifest.algorithm_family), version=manifest.version,
         parameters={"package": f"{manifest.name}@{manifest.version}"},
     )
+
+
+def conformant_sources(volume: Volume) -> list[Dataset]:
+    """The source headers with the first, whose patient and study attributes highdicom copies, made
+    conformant (:mod:`inference.results.patient`); the volume's own headers are left as they are."""
+    first = conform(volume.datasets[0])
+    if first.changed:
+        # keywords only: the values are the patient's
+        logger.info("source patient/study attributes made conformant for the derived objects: %s",
+                    ", ".join(first.changed))
+    return [first.dataset, *volume.datasets[1:]]
 
 
 def content_qualification(manifest: Manifest) -> str:
@@ -224,7 +236,7 @@ def build_seg(
     pixels = _source_order(volume, _segment_numbers(as_label_map(labels, volume.hu.shape), manifest))
     uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SEG")
     seg = hd.seg.Segmentation(
-        source_images=volume.datasets,
+        source_images=conformant_sources(volume),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -272,7 +284,7 @@ def build_fractional_seg(
     pixels = _source_order(volume, np.moveaxis(probabilities, 0, -1))
     uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SEG-FRACTIONAL")
     seg = _ScaledFractional(
-        source_images=volume.datasets,
+        source_images=conformant_sources(volume),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,

@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from inference.measurements import SegmentMeasurement, as_label_map
 from inference.packages import Manifest
+from inference.results.patient import conform
 from inference.results.seg import device_attributes, lo, pin_times
 from inference.results.uids import derived_uids
 from inference.settings import DeviceIdentity
@@ -249,7 +250,7 @@ def build_summary(
         uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, f"SC-{number}")
         source = volume.datasets[volume.frames[z].instance]
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
+            ref_dataset=conform(source).dataset,  # its patient and study attributes made conformant
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,

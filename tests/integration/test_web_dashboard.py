@@ -1,8 +1,10 @@
 """The web dashboard in a real headless Chromium (Debian's) against the API served by uvicorn on a free port.
 
-A reviewer signs in through the form, sees two held jobs with their measurements, rejects one with a
-reason and approves the other; the store then holds the decisions, the audit rows and the outbox
-changes. A wrong token shows the API's error and no data.
+A reviewer signs in with their user name and password, sees two held jobs with their measurements,
+rejects one with a reason and approves the other; the store then holds the decisions (recorded as the
+signed-in user, never a typed name), the audit rows and the outbox changes. A viewer sees the queue
+without decision buttons and the API refuses their decision. A wrong password shows the API's error
+and no data, and repeated ones the lockout.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from appliance.api.app import create_app
 from appliance.api_server import ApiServer
 from appliance.review import Reviews, ReviewState
+from appliance.roles import Role
 from appliance.settings import Settings
 from appliance.store import ResultFile, Store
+from appliance.users import Accounts
 from dicom_router.ports import ReceivedInstance
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
 
-TOKEN = "dashboard-t0ken-for-tests-only"
-REVIEWER = "Dr Web Reviewer"
+REVIEWER = "rita.reviewer"
+VIEWER = "victor.viewer"
+PASSWORD = "dashboard passphrase for tests"
 STUDY = "1.2.826.0.1.3680043.8.498.4242"
 PATIENT = "Doe^Jane"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -90,10 +95,13 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
         "mode": "dev",
         "storage": {"data_dir": str(tmp_path / "var"), "fsync": False, "min_free_mb": 0},
         "inference": {"models_dir": str(tmp_path / "models")},
-        "api": {"enabled": True, "token": TOKEN, "port": free_port()},
+        "api": {"enabled": True, "port": free_port()},
         "review": {"models": ["held-model"]},
     })
     store = Store(settings.data_dir, fsync=False)
+    accounts = Accounts(store, settings.api)  # as `portico users add` would
+    accounts.add(REVIEWER, PASSWORD, [Role.REVIEWER], actor="cli:test")
+    accounts.add(VIEWER, PASSWORD, [Role.VIEWER], actor="cli:test")
     jobs = seed(store, settings)
     server = ApiServer(settings, create_app(settings, store))
     server.start()
@@ -123,11 +131,11 @@ def page(browser: Browser) -> Iterator[Page]:
     assert problems == []  # no script errors, nothing the CSP had to block
 
 
-def sign_in(page: Page, url: str, token: str) -> None:
+def sign_in(page: Page, url: str, user: str = REVIEWER, password: str = PASSWORD) -> None:
     page.goto(url + "/")
     expect(page).to_have_url(url + "/ui/")
-    page.get_by_label("API token").fill(token)
-    page.get_by_label("Your name").fill(REVIEWER)
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
 
 
@@ -135,18 +143,24 @@ def test_a_reviewer_signs_in_rejects_one_held_job_and_approves_another(
         dashboard: Dashboard, page: Page, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     rejected, approved = dashboard.jobs
-    sign_in(page, dashboard.url, TOKEN)
+    sign_in(page, dashboard.url)
 
     expect(page.get_by_role("heading", name="Status")).to_be_visible()
+    expect(page.locator("#who")).to_contain_text(f"Signed in as {REVIEWER}")
+    expect(page.locator("#who-roles")).to_have_text("(reviewer)")
     expect(page.locator("header.bar")).to_have_css("background-color", "rgb(0, 94, 184)")  # app.css under the CSP
     expect(page.locator("#instances")).to_have_text("4")
     expect(page.locator("#jobs-by-state")).to_contain_text("DONE")
     expect(page.locator("#outbox-by-state")).to_contain_text("HELD")
     expect(page.locator("#recent-jobs tbody tr")).to_have_count(2)
     expect(page.locator("#recent-jobs")).to_contain_text("CPUExecutionProvider")
-    assert page.evaluate("() => localStorage.length") == 0
-    assert TOKEN in page.evaluate("() => JSON.stringify(sessionStorage)")
-    assert TOKEN not in page.url
+    # the session is an HttpOnly, SameSite=Strict cookie the page's script cannot read; nothing in web storage
+    assert page.evaluate("() => localStorage.length + sessionStorage.length") == 0
+    assert page.evaluate("() => document.cookie") == ""
+    (cookie,) = page.context.cookies()
+    assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == \
+        ("portico_session", True, "Strict", "/")
+    assert PASSWORD not in page.url and cookie["value"] not in page.url
 
     page.get_by_role("button", name="Review queue").click()
     items = page.locator("article.item")
@@ -201,12 +215,23 @@ def test_a_reviewer_signs_in_rejects_one_held_job_and_approves_another(
     assert [(e["job_id"], e["actor"], e["detail"]["via"]) for e in audit] == [(rejected, REVIEWER, "api"),
                                                                               (approved, REVIEWER, "api")]
     assert audit[0]["detail"]["reason"] == "wrong organ outlined"
-    assert PATIENT not in caplog.text and TOKEN not in caplog.text
+    assert PATIENT not in caplog.text and PASSWORD not in caplog.text and cookie["value"] not in caplog.text
+    assert PASSWORD not in str(dashboard.store.audit_events())
+    signed_in = [e for e in dashboard.store.audit_events() if e["event"] == "signed_in"]
+    assert [(e["actor"], e["detail"]["address"]) for e in signed_in] == [(REVIEWER, "127.0.0.1")]
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_role("status")).to_have_text("Signed out.")
+    assert page.context.cookies() == []
+    page.reload()  # the session ended on the server: nothing comes back
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_role("navigation", name="Views")).to_be_hidden()
 
 
 def test_a_decision_on_a_job_decided_elsewhere_shows_the_api_error(dashboard: Dashboard, page: Page) -> None:
     job_id = dashboard.jobs[0]
-    sign_in(page, dashboard.url, TOKEN)
+    sign_in(page, dashboard.url)
     page.get_by_role("button", name="Review queue").click()
     expect(page.locator("article.item")).to_have_count(2)
     Reviews(dashboard.store, dashboard.settings.review).approve(job_id, "Dr Elsewhere", "", via="cli")
@@ -218,15 +243,55 @@ def test_a_decision_on_a_job_decided_elsewhere_shows_the_api_error(dashboard: Da
     expect(page.get_by_role("status")).to_be_hidden()
 
 
-def test_a_wrong_token_shows_the_error_and_no_data(dashboard: Dashboard, page: Page) -> None:
-    sign_in(page, dashboard.url, "not-the-token")
+def test_a_viewer_sees_the_queue_without_decision_buttons_and_the_api_refuses_a_decision(
+        dashboard: Dashboard, page: Page) -> None:
+    job_id = dashboard.jobs[0]
+    sign_in(page, dashboard.url, VIEWER)
+    expect(page.locator("#who-roles")).to_have_text("(viewer)")
+    page.get_by_role("button", name="Review queue").click()
+    item = page.locator(f"#review-{job_id}")
+    expect(item.locator(".measurements tbody tr")).to_have_count(1)
+    expect(item.get_by_role("button", name=f"Approve job {job_id}")).to_have_count(0)
+    expect(item.get_by_role("button", name=f"Reject job {job_id}")).to_have_count(0)
+    expect(item.get_by_text("Your role may look at results but not approve or reject them.")).to_be_visible()
+    # the page hides the button; the API refuses anyway, with the viewer's own session
+    answer = page.evaluate("""async (jobId) => {
+        const r = await fetch("/review/" + jobId + "/approve", {method: "POST", credentials: "same-origin",
+            headers: {"X-Requested-With": "portico", "Content-Type": "application/json"}, body: "{}"});
+        return [r.status, (await r.json()).code];
+    }""", job_id)
+    assert answer == [403, "forbidden"]
+    assert Reviews(dashboard.store, dashboard.settings.review).get(job_id).state is ReviewState.HELD
+
+
+def test_a_wrong_password_shows_the_error_and_no_data_and_repeated_ones_lock_the_name(
+        dashboard: Dashboard, page: Page) -> None:
+    sign_in(page, dashboard.url, REVIEWER, "not the passphrase")
     alert = page.get_by_role("alert")
-    expect(alert).to_contain_text("Error (unauthorized)")
-    expect(alert).to_contain_text("a valid bearer token is required")
+    expect(alert).to_contain_text("Error (sign_in_failed)")
+    expect(alert).to_contain_text("the user name or password is wrong")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_label("Password")).to_have_value("")
     expect(page.locator("#view-status")).to_be_hidden()
     expect(page.locator("#view-queue")).to_be_hidden()
     expect(page.get_by_role("navigation", name="Views")).to_be_hidden()
     assert page.locator("#instances").text_content() == ""
     assert page.locator("article.item").count() == 0
     assert page.evaluate("() => sessionStorage.length + localStorage.length") == 0
+    assert page.context.cookies() == []
+
+    for _ in range(4):  # five failures in all, each answered before the next is sent
+        page.get_by_label("Password").fill("still not the passphrase")
+        with page.expect_response("**/auth/login") as answered:
+            page.get_by_role("button", name="Sign in").click()
+        assert answered.value.status == 401
+    page.get_by_label("Password").fill(PASSWORD)  # even the right one now waits
+    with page.expect_response("**/auth/login") as answered:
+        page.get_by_role("button", name="Sign in").click()
+    assert answered.value.status == 429 and answered.value.headers["retry-after"] == "30"
+    expect(alert).to_contain_text("Error (locked): too many failed sign-ins; try again in 30 s")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.context.cookies() == []
+    failed = [e for e in dashboard.store.audit_events() if e["event"] == "sign_in_failed"]
+    assert len(failed) == 5 and {e["actor"] for e in failed} == {REVIEWER}
+    assert [e["detail"]["kind"] for e in dashboard.store.audit_events() if e["event"] == "sign_in_locked"] == ["user"]

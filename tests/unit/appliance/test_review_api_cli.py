@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,13 @@ from appliance.api.app import create_app
 from appliance.cli.main import main
 from appliance.handoff import short
 from appliance.review import Reviews
+from appliance.roles import Role
 from appliance.settings import Settings
 from appliance.store import ResultFile, Store
+from appliance.users import Accounts
 from dicom_router.ports import ReceivedInstance
 
-TOKEN = "t0ken-for-tests-only"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REVIEWER = "dr.api"
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 SERIES = f"{STUDY}.1"
 PATIENT = "Doe^Jane"
@@ -35,7 +37,7 @@ def config(tmp_path: Path) -> Path:
         "mode": "dev",
         "storage": {"data_dir": str(tmp_path / "var"), "fsync": False, "min_free_mb": 0},
         "inference": {"models_dir": str(tmp_path / "models")},
-        "api": {"enabled": True, "token": TOKEN},
+        "api": {"enabled": True},
         "review": {"models": ["held-model"]},
     }))
     return path
@@ -87,53 +89,66 @@ def client(settings: Settings, store: Store) -> Iterator[TestClient]:
         yield client
 
 
+@pytest.fixture
+def auth(settings: Settings, store: Store) -> dict[str, str]:
+    """A reviewer's API token, made as an administrator would (``portico users add`` / ``token``)."""
+    accounts = Accounts(store, settings.api)
+    accounts.add(REVIEWER, "a long enough passphrase", [Role.REVIEWER], actor="cli:test")
+    return {"Authorization": f"Bearer {accounts.issue_token(REVIEWER, actor='cli:test').token}"}
+
+
 def assert_error(response: Any, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"code", "message", "request_id"} and body["code"] == code
 
 
-def test_api_lists_shows_and_approves_a_held_job_once(client: TestClient, store: Store, settings: Settings) -> None:
+def test_api_lists_shows_and_approves_a_held_job_once(client: TestClient, store: Store, settings: Settings,
+                                                       auth: dict[str, str]) -> None:
     ids = seed(store, settings)
     assert_error(client.get("/review"), 401, "unauthorized")
-    listed = client.get("/review", headers=AUTH).json()
+    listed = client.get("/review", headers=auth).json()
     assert [(r["job_id"], r["state"], r["held"]) for r in listed] == [(ids["held"], "HELD", True)]
-    assert [r["job_id"] for r in client.get("/review?state=unreviewed", headers=AUTH).json()] == [ids["sent"]]
-    assert_error(client.get("/review?state=bogus", headers=AUTH), 422, "invalid_request")
+    assert [r["job_id"] for r in client.get("/review?state=unreviewed", headers=auth).json()] == [ids["sent"]]
+    assert_error(client.get("/review?state=bogus", headers=auth), 422, "invalid_request")
 
-    shown = client.get(f"/review/{ids['held']}", headers=AUTH).json()
+    shown = client.get(f"/review/{ids['held']}", headers=auth).json()
     assert shown["outbox"] == {"HELD": 2} and shown["study_uid"] == STUDY
     assert shown["measurements"][0]["volume_ml"] == pytest.approx(1520.34)
     assert {r["kind"] for r in shown["results"]} == {"seg", "sr"}
-    assert_error(client.get("/review/999", headers=AUTH), 404, "not_found")
+    assert_error(client.get("/review/999", headers=auth), 404, "not_found")
 
-    approved = client.post(f"/review/{ids['held']}/approve", headers=AUTH,
-                           json={"reviewer": "Dr Api", "reason": "fine"})
+    # the reviewer is whoever signed in: a name in the body is refused, not recorded
+    assert_error(client.post(f"/review/{ids['held']}/approve", headers=auth,
+                             json={"reviewer": "Dr Someone Else", "reason": "fine"}), 422, "invalid_request")
+    approved = client.post(f"/review/{ids['held']}/approve", headers=auth, json={"reason": "fine"})
     assert approved.status_code == 200, approved.text
     assert approved.json() == {"job_id": ids["held"], "state": "APPROVED", "held": True, "released": 2,
                                "cancelled": 0, "already_sent": 0}
     assert len(store.due(10)) == 4  # its two, plus the unheld job's two
-    assert_error(client.post(f"/review/{ids['held']}/approve", headers=AUTH), 409, "conflict")
-    assert_error(client.post(f"/review/{ids['held']}/reject", headers=AUTH, json={"reason": "x"}), 409, "conflict")
+    assert_error(client.post(f"/review/{ids['held']}/approve", headers=auth), 409, "conflict")
+    assert_error(client.post(f"/review/{ids['held']}/reject", headers=auth, json={"reason": "x"}), 409, "conflict")
     event = [e for e in store.audit_events() if e["event"] == "reviewed"][-1]
-    assert event["actor"] == "Dr Api" and event["detail"]["via"] == "api"
+    assert event["actor"] == REVIEWER and event["detail"]["via"] == "api"
+    assert Reviews(store, settings.review).get(ids["held"]).reviewer == REVIEWER
 
 
 def test_api_rejects_with_a_reason_and_refuses_what_cannot_be_decided(client: TestClient, store: Store,
-                                                                        settings: Settings) -> None:
+                                                                        settings: Settings,
+                                                                        auth: dict[str, str]) -> None:
     ids = seed(store, settings)
-    assert_error(client.post(f"/review/{ids['held']}/reject", headers=AUTH), 422, "invalid_request")
-    assert_error(client.post(f"/review/{ids['held']}/reject", headers=AUTH, json={"reason": "  "}),
+    assert_error(client.post(f"/review/{ids['held']}/reject", headers=auth), 422, "invalid_request")
+    assert_error(client.post(f"/review/{ids['held']}/reject", headers=auth, json={"reason": "  "}),
                  422, "invalid_request")
-    assert_error(client.post("/review/999/reject", headers=AUTH, json={"reason": "x"}), 404, "not_found")
-    assert_error(client.post(f"/review/{ids['pending']}/approve", headers=AUTH, json={"retrospective": True}),
+    assert_error(client.post("/review/999/reject", headers=auth, json={"reason": "x"}), 404, "not_found")
+    assert_error(client.post(f"/review/{ids['pending']}/approve", headers=auth, json={"retrospective": True}),
                  409, "conflict")
-    assert_error(client.post(f"/review/{ids['sent']}/approve", headers=AUTH), 409, "conflict")
-    rejected = client.post(f"/review/{ids['held']}/reject", headers=AUTH, json={"reason": "wrong organ"})
+    assert_error(client.post(f"/review/{ids['sent']}/approve", headers=auth), 409, "conflict")
+    rejected = client.post(f"/review/{ids['held']}/reject", headers=auth, json={"reason": "wrong organ"})
     assert rejected.status_code == 200 and rejected.json()["cancelled"] == 2
-    retro = client.post(f"/review/{ids['sent']}/approve", headers=AUTH, json={"retrospective": True})
+    retro = client.post(f"/review/{ids['sent']}/approve", headers=auth, json={"retrospective": True})
     assert retro.status_code == 200 and retro.json()["held"] is False and retro.json()["released"] == 0
-    assert [r["job_id"] for r in client.get("/review?state=all", headers=AUTH).json()] == [ids["held"], ids["sent"]]
+    assert [r["job_id"] for r in client.get("/review?state=all", headers=auth).json()] == [ids["held"], ids["sent"]]
     assert {o["state"] for o in store.outbox()} == {"CANCELLED", "PENDING"}
 
 
@@ -144,6 +159,7 @@ def run(config: Path, *argv: str) -> int:
 def test_cli_list_show_approve_reject_and_exit_codes(config: Path, store: Store, settings: Settings,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     ids = seed(store, settings)
+    cli = f"cli:{getpass.getuser()}"  # the operating-system user, never a typed name
     assert run(config, "review", "list") == 0
     out = capsys.readouterr().out
     assert str(ids["held"]) in out and "HELD" in out and short(STUDY) in out and "held-model@2.0.0" in out
@@ -154,10 +170,10 @@ def test_cli_list_show_approve_reject_and_exit_codes(config: Path, store: Store,
     assert "Liver: 1520.3 ml, mean 55.2" in out and "held-model@2.0.0" in out and "1 HELD" not in out
     assert "2 HELD" in out and "seg.dcm" in out and STUDY not in out and PATIENT not in out
 
-    assert run(config, "review", "approve", str(ids["held"]), "--reviewer", "Dr Cli") == 0
+    assert run(config, "review", "approve", str(ids["held"])) == 0
     assert "approved job" in capsys.readouterr().out
     assert run(config, "review", "approve", str(ids["held"])) == 1
-    assert "already approved by Dr Cli" in capsys.readouterr().err
+    assert f"already approved by {cli}" in capsys.readouterr().err
     assert run(config, "review", "approve", "999") == 1
     assert "no job 999" in capsys.readouterr().err
     assert run(config, "review", "reject", str(ids["sent"]), "--reason", "bad") == 1
@@ -171,7 +187,7 @@ def test_cli_list_show_approve_reject_and_exit_codes(config: Path, store: Store,
 
     assert run(config, "review", "list", "--state", "all", "--json") == 0
     listed = json.loads(capsys.readouterr().out)
-    assert (listed[0]["job_id"], listed[0]["state"], listed[0]["reviewer"]) == (ids["held"], "APPROVED", "Dr Cli")
+    assert (listed[0]["job_id"], listed[0]["state"], listed[0]["reviewer"]) == (ids["held"], "APPROVED", cli)
     assert listed[1]["state"] == "REJECTED"
     reviewed = [e for e in store.audit_events() if e["event"] == "reviewed"]
-    assert reviewed[0]["actor"] == "Dr Cli" and all(e["detail"]["via"] == "cli" for e in reviewed)
+    assert reviewed[0]["actor"] == cli and all(e["detail"]["via"] == "cli" for e in reviewed)
