@@ -38,6 +38,7 @@ APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 AUDIT_LOG_USED = Code("110101", "Audit Log Used")
 INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
+QUERY = Code("110112", "Query")
 STUDY_DELETED = Code("110105", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "User Authentication")
@@ -76,6 +77,8 @@ class Shape(StrEnum):
     AUDIT_ALERT = "audit_alert"
     #: the actor read the audit trail (verify, export)
     AUDIT_LOG = "audit_log"
+    #: we queried a peer (``detail.peer``) about a study (C-FIND); the query keys hold no patient data
+    QUERY = "query"
 
 
 class Subject(StrEnum):
@@ -139,6 +142,7 @@ EVENTS: dict[str, AtnaEvent] = {
     AuditEvent.DISPATCH_FAILED: AtnaEvent(INSTANCES_TRANSFERRED, "R", Shape.SENT, outcome=MINOR_FAILURE,
                                           outcome_by_detail=(("permanent", True, SERIOUS_FAILURE),)),
     AuditEvent.INFERRED: AtnaEvent(INSTANCES_ACCESSED, "C", Shape.ACCESSED),
+    AuditEvent.QUERIED: AtnaEvent(QUERY, "E", Shape.QUERY, outcome_by_detail=(("answered", False, MINOR_FAILURE),)),
     AuditEvent.REVIEWED: AtnaEvent(INSTANCES_ACCESSED, "U", Shape.ACCESSED),
     AuditEvent.PURGED: _PURGE,
     AuditEvent.CONNECTIONS_REFUSED: AtnaEvent(_ALERT, "E", Shape.ALERT, NODE_AUTHENTICATION,

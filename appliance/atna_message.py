@@ -28,6 +28,9 @@ DESTINATION = Code("110152", "Destination Role ID")
 SOURCE = Code("110153", "Source Role ID")
 STUDY_INSTANCE_UID = Code("110180", "Study Instance UID")
 NODE_ID = Code("110182", "Node ID")
+SOP_CLASS_UID = Code("110181", "SOP Class UID")
+#: Study Root Query/Retrieve Information Model - FIND
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 USER_IDENTIFIER = Code("11", "User Identifier", "RFC-3881")
 URI = Code("12", "URI", "RFC-3881")
 #: AuditSourceTypeCode 4: application server process
@@ -160,6 +163,9 @@ def _participants(spec: AtnaEvent, row: AuditRow, source: Source) -> list[ET.Ele
     if shape is Shape.SENT:
         destination = str(row.detail.get("destination") or "unknown")
         return [_us(source, True, SOURCE), _participant(destination, False, DESTINATION)]
+    if shape is Shape.QUERY:
+        peer = str(row.detail.get("peer") or "unknown")
+        return [_us(source, True, SOURCE), _participant(peer, False, DESTINATION, alternative=f"AETITLES={peer}")]
     if shape is Shape.AUTHENTICATION:
         address = _address(row.detail)
         return [_participant(actor, True, access_point=address, access_point_type="2"),
@@ -217,6 +223,15 @@ def _objects(spec: AtnaEvent, row: AuditRow, rows: Sequence[AuditRow], source: S
         if row.study_uid is None:
             return []
         return [_study(row, rows, counted=shape in (Shape.RECEIVED, Shape.SENT))]
+    if shape is Shape.QUERY:
+        # PS3.15 A.5.3.10: the SOP class queried, with the query's keys (a study UID and the count asked for)
+        queried = _object(str(row.detail.get("sop_class_uid") or STUDY_ROOT_FIND), SOP_CLASS_UID, type_code="2",
+                          role="3")
+        ET.SubElement(queried, "ParticipantObjectQuery").text = base64.b64encode(json.dumps(
+            {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": row.study_uid,
+             "NumberOfStudyRelatedInstances": None}, sort_keys=True).encode("utf-8")).decode("ascii")
+        _detail(queried, "TransferSyntax", "1.2.840.10008.1.2")
+        return [queried] + ([_study(row, rows, counted=False)] if row.study_uid else [])
     if shape in (Shape.AUDIT_LOG, Shape.AUDIT_ALERT):
         log_object = _object(source.audit_log_uri, URI, type_code="2", role="13", name="Security Audit Log")
         if shape is Shape.AUDIT_ALERT:

@@ -26,6 +26,8 @@ class AuditEvent(StrEnum):
     DISPATCH_FAILED = "dispatch_failed"
     MODEL_LOADED = "model_loaded"
     SERVICE = "service"
+    #: a C-FIND to the sending PACS for a study's instance count (first answer, a changed one, or a failure)
+    QUERIED = "queried"
     #: connections the DICOM listener's edge refused, counted per (reason, address) and window
     CONNECTIONS_REFUSED = "connections_refused"
     FL_ENROLLED = "fl_enrolled"
@@ -64,6 +66,10 @@ class AuditEvent(StrEnum):
     TOKEN_REVOKED = "token_revoked"
     #: retention (appliance.retention) removed a study's files and index rows, or quarantined files
     PURGED = "purged"
+    #: FL: the site's privacy budget (fl.privacy epsilon) for a project is spent; the site stops contributing
+    FL_PRIVACY_BUDGET_SPENT = "fl_privacy_budget_spent"
+    #: FL: a startup kit was enrolled without an out-of-band root CA fingerprint (explicit admin flag)
+    FL_FINGERPRINT_WAIVED = "fl_fingerprint_waived"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,19 @@ def test_written_but_unconfirmed_rows_are_sent_again_after_a_restart(store: Stor
     finally:
         sender.stop(flush_seconds=0.2)
     assert atna_outbox.counts(store) == {"pending": 1}  # the collector never answered: still queued
+
+
+def test_a_completeness_query_is_an_atna_query() -> None:
+    spec = atna_event("queried")
+    assert spec is not None and spec.event_id.code == "110112"
+    answered = row("queried", study="1.2.3", peer="ORTHANC", answered=True, count=300,
+                   sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1")
+    root = ET.fromstring(build(spec, [answered], SOURCE))
+    participants = root.findall("ActiveParticipant")
+    assert [p.get("UserIsRequestor") for p in participants] == ["true", "false"]
+    assert participants[1].get("UserID") == "ORTHANC"
+    queried = root.find("ParticipantObjectIdentification")
+    assert queried is not None and queried.get("ParticipantObjectID") == "1.2.840.10008.5.1.4.1.2.2.1"
+    query = queried.find("ParticipantObjectQuery")
+    assert query is not None and "1.2.3" in base64.b64decode(query.text or "").decode()
+    assert outcome(spec, "queried", {"answered": False}) == 4 and outcome(spec, "queried", {"answered": True}) == 0
