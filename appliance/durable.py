@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -120,3 +121,30 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: a temporary file older than this cannot belong to a write still under way (a write takes well
+#: under a second); younger ones are left alone, as another process (``portico receive``) may own them
+STALE_TEMPORARY_SECONDS = 60.0
+
+
+def remove_stale_temporaries(root: Path, *, older_than: float = STALE_TEMPORARY_SECONDS,
+                             now: float | None = None) -> int:
+    """Remove the temporary files that an interrupted write left under ``root``; return how many.
+
+    These are :func:`write_durably`'s and :func:`move_durably`'s ``.NAME.THREAD.tmp`` and any other
+    ``*.tmp`` or ``*.part`` file, never a finished file: a crash between writing and renaming leaves
+    one behind, and nothing will ever rename it.
+    """
+    if not root.is_dir():
+        return 0
+    cutoff = (time.time() if now is None else now) - older_than
+    removed = 0
+    for path in [*root.rglob("*.tmp"), *root.rglob("*.part")]:
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:  # gone already, or not ours to remove
+            continue
+    return removed

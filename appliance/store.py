@@ -25,7 +25,7 @@ from pydicom import dcmread
 
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
-from appliance.durable import move_durably, write_durably
+from appliance.durable import move_durably, remove_stale_temporaries, write_durably
 from appliance.file_modes import create_private, make_private_dirs
 from appliance.store_schema import SCHEMA
 from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
@@ -271,7 +271,12 @@ class Store:
         """Index every instance file that is on disk but not in the index (after a power loss).
 
         Returns the number of instances recovered; each is audited as received by ``recovered``.
+        Temporary files that an interrupted write left in the instance and result folders are removed
+        first, and counted in the log.
         """
+        leftovers = sum(remove_stale_temporaries(folder) for folder in (self.instances_dir, self.results_dir))
+        if leftovers:
+            log.warning("removed %d temporary file(s) left by an interrupted write", leftovers)
         indexed = {r["path"] for r in self._query("SELECT path FROM instances")}
         recovered = 0
         for path in sorted(self.instances_dir.glob("*/*/*.dcm")):
@@ -409,6 +414,7 @@ class Store:
             "quarantined": len(self.quarantined()),
             "jobs": dict(Counter(str(j.state) for j in jobs)),
             "outbox": dict(Counter(str(o["state"]) for o in self.outbox())),
+            "destinations": self.destination_status(),
             "recent_jobs": [{"id": j.id, "model": j.model, "state": str(j.state), "provider": j.provider,
                              "error": j.error} for j in jobs[-recent:]],
         }
@@ -418,8 +424,12 @@ class Store:
             return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
         return int(self._query("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,))[0][0])
 
-    def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str, str]]) -> list[int]:
+    def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str, str]], *,
+                      no_match: dict[str, Any] | None = None) -> list[int]:
         """Create one PENDING job per (rule, model, model_version, series_uid, content_key); mark the run routed.
+
+        With no route, the ``no_match`` audit row carries ``no_match`` too: the series considered and
+        why no rule matched (value-free reasons, :meth:`dicom_router.rules.RuleSet.explain`).
 
         A route whose series content (``content_key``) an earlier run of the same rule already covers
         adds no job: a late instance elsewhere in the study does not redo an unchanged series.
@@ -448,7 +458,7 @@ class Store:
                                                         "run_version": run.version}))
             if not routes:
                 self._audit(db, AuditRecord(AuditEvent.NO_MATCH, run.study_uid,
-                                            detail={"run_version": run.version}))
+                                            detail={"run_version": run.version, **(no_match or {})}))
             db.execute("UPDATE runs SET routed = 1 WHERE study_uid = ? AND version = ?",
                        (run.study_uid, run.version))
         return ids
@@ -578,6 +588,26 @@ class Store:
 
     def outbox(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM outbox ORDER BY id")]
+
+    def destination_status(self) -> dict[str, dict[str, Any]]:
+        """Per destination: outbox counts by state, the last error and when it is next tried.
+
+        ``last_error`` is that of the unsent item that failed most recently (``None`` once all went
+        out); ``next_retry_at`` is the earliest time a PENDING item that has failed is due again.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for r in self._query("SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state "
+                             "ORDER BY destination"):
+            entry = out.setdefault(r["destination"], {"states": {}, "last_error": None, "next_retry_at": None})
+            entry["states"][r["state"]] = int(r["n"])
+        for r in self._query("SELECT destination, last_error, MAX(next_attempt_at) AS at FROM outbox "
+                             "WHERE state IN (?, ?) AND last_error IS NOT NULL GROUP BY destination",
+                             (OutboxState.PENDING, OutboxState.FAILED)):
+            out[r["destination"]]["last_error"] = r["last_error"]
+        for r in self._query("SELECT destination, MIN(next_attempt_at) AS at FROM outbox "
+                             "WHERE state = ? AND attempts > 0 GROUP BY destination", (OutboxState.PENDING,)):
+            out[r["destination"]]["next_retry_at"] = float(r["at"])
+        return out
 
 
 def _sweep_stale(spool: Path) -> None:

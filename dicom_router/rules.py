@@ -52,6 +52,10 @@ from dicom_router.errors import RulesError
 
 Header = Dataset | Mapping[str, Any]
 
+#: modality defined terms (PS3.3 C.7.3.1.1.1) a ``Modality`` regex is tried on, for ``rules check``
+KNOWN_MODALITIES = ("CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "IO", "PX", "OT", "OP", "OPT",
+                    "SM", "ES", "XC", "ECG", "BMD", "IVUS", "OCT")
+
 
 def _dicom_keyword(value: str) -> str:
     if tag_for_keyword(value) is None:
@@ -164,6 +168,21 @@ class Rule(BaseModel):
         where = "; ".join(conditions) if conditions else "every series"
         return f"{self.name}: {self.model}{version} on {where} (select {self.select})"
 
+    def modalities(self) -> frozenset[str] | None:
+        """The modalities this rule can route, from its ``Modality`` condition; ``None``: any at all.
+
+        A ``regex`` is tried on :data:`KNOWN_MODALITIES`; a ``range`` matches none (not numbers).
+        """
+        cond = self.series.get("Modality")
+        if cond is None:
+            return None
+        if cond.in_ is not None:
+            return frozenset(v.strip().upper() for v in cond.in_)
+        if cond.regex is not None:
+            pattern = re.compile(cond.regex)
+            return frozenset(m for m in KNOWN_MODALITIES if pattern.search(m))
+        return frozenset()
+
 
 class Route(NamedTuple):
     """Run ``model`` (at ``model_version`` when pinned) on ``series_uid``, because of rule ``rule``."""
@@ -194,6 +213,34 @@ class StudyHeaders:
     study_uid: str
     series: tuple[SeriesHeaders, ...]
     study_header: Header | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """One series under one rule: whether it matched, and if not, which conditions failed."""
+
+    series_uid: str
+    matched: bool
+    #: the failed conditions in words that quote no value (``Modality not in {CT}``)
+    reasons: tuple[str, ...]
+    #: the series this rule runs on (the one ``select`` took among those that matched)
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    """One rule applied to one study: its study-level failures and a verdict per series."""
+
+    rule: str
+    model: str
+    model_version: str | None
+    #: failed study-level conditions; when any, no series matches
+    study_reasons: tuple[str, ...]
+    series: tuple[SeriesVerdict, ...]
+
+    @property
+    def chosen(self) -> str | None:
+        return next((s.series_uid for s in self.series if s.chosen), None)
 
 
 class RuleSet(BaseModel):
@@ -232,6 +279,37 @@ class RuleSet(BaseModel):
                 chosen = max(candidates, key=lambda s: s.instance_count)
             routes.append(Route(rule.name, rule.model, rule.model_version, chosen.series_uid))
         return routes
+
+    def explain(self, study: StudyHeaders) -> list[RuleVerdict]:
+        """Each rule against each series of ``study``: why it matched or not, and which series it runs on.
+
+        The chosen series are the ones :meth:`route` routes. Reasons name keywords and conditions,
+        never the values found (they may be a patient's).
+        """
+        study_header = (study.study_header if study.study_header is not None
+                        else study.series[0].header if study.series else {})
+        verdicts = []
+        for rule in self.rules:
+            study_reasons = tuple(_why_not(kw, cond, _get(study_header, kw), "study.")
+                                  for kw, cond in rule.study.items() if not cond.matches(_get(study_header, kw)))
+            per_series = []
+            for s in study.series:
+                reasons = tuple(_why_not(kw, cond, _get(s.header, kw))
+                                for kw, cond in rule.series.items() if not cond.matches(_get(s.header, kw)))
+                per_series.append(SeriesVerdict(s.series_uid, not study_reasons and not reasons,
+                                                study_reasons + reasons))
+            chosen = self._select(rule, [s for s, v in zip(study.series, per_series, strict=True) if v.matched])
+            verdicts.append(RuleVerdict(rule.name, rule.model, rule.model_version, study_reasons, tuple(
+                SeriesVerdict(v.series_uid, v.matched, v.reasons, v.series_uid == chosen) for v in per_series)))
+        return verdicts
+
+    @staticmethod
+    def _select(rule: Rule, candidates: list[SeriesHeaders]) -> str | None:
+        if not candidates:
+            return None
+        if rule.select is Select.MOST_INSTANCES:
+            return max(candidates, key=lambda s: s.instance_count).series_uid
+        return candidates[0].series_uid
 
     def summary(self) -> list[str]:
         """Human-readable lines, one per rule."""
@@ -316,6 +394,13 @@ def _number(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _why_not(keyword: str, cond: Condition, value: Any, prefix: str = "") -> str:
+    """Why ``value`` fails ``cond``, without quoting it."""
+    if not _values(value):
+        return f"{prefix}{keyword} absent or empty"
+    return f"{prefix}{keyword} not {_describe(cond)}"
 
 
 def _describe(cond: Condition) -> str:

@@ -29,6 +29,12 @@ class SeriesError(InferenceError):
     code = "series_unusable"
 
 
+class SeriesNotAcceptedError(SeriesError):
+    """A usable series that the model's manifest does not accept (modality, body part, slices, spacing)."""
+
+    code = "series_not_accepted"
+
+
 class RuntimeUnavailableError(InferenceError):
     """No execution provider could run the model."""
 

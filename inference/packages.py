@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from inference.errors import PackageError
 from inference.signing import SIGNATURE_NAME, sign, verify_manifest
@@ -78,7 +78,24 @@ class InputSpec(BaseModel):
     patch_size: tuple[int, int, int]
     #: fraction of overlap between neighbouring sliding-window patches
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+    #: fewest slices a series may have (enforced before inference, :mod:`inference.accepts`)
     min_slices: Annotated[int, Field(ge=1)] = 1
+    #: inclusive [min, max] spacing between slices (mm) a series may have; ``None`` accepts any
+    slice_spacing_mm: tuple[PositiveFloat, PositiveFloat] | None = None
+    #: inclusive [min, max] in-plane pixel spacing (mm), both directions; ``None`` accepts any
+    pixel_spacing_mm: tuple[PositiveFloat, PositiveFloat] | None = None
+
+    @field_validator("slice_spacing_mm", "pixel_spacing_mm")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"range lower bound {value[0]} is above upper bound {value[1]}")
+        return value
+
+    @field_validator("body_parts")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in value)
 
 
 class Segment(BaseModel):

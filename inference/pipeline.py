@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from inference.accepts import check_accepts
 from inference.errors import InferenceError, ResultEncodingError, describe
 from inference.measurements import SegmentMeasurement, measure
 from inference.packages import ModelPackage, SegType
@@ -45,7 +46,8 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     Raises
     ------
     SeriesError
-        When the files are not one usable series.
+        When the files are not one usable series; :class:`~inference.errors.SeriesNotAcceptedError`
+        when the model's manifest does not accept it (modality, body part, slices, spacing).
     ResultEncodingError
         When the SEG or SR cannot be built; its message names the failing call, never a value.
     InferenceError
@@ -54,6 +56,7 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     volume = load_series(paths)
+    check_accepts(volume, package.manifest.input)  # before the model: a refused series costs no inference
     t1 = time.perf_counter()
     timings["load"] = t1 - t0
     model = sessions.get(package, settings.providers)
@@ -73,7 +76,8 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
             del probabilities
         else:
             seg = build_seg(volume, labels, manifest, settings.device, settings.uid_root, run_key)
-        sr = build_sr(seg, volume, measurements, manifest, settings.device, settings.uid_root, run_key)
+        sr = build_sr(seg, volume, measurements, manifest, settings.device, settings.uid_root, run_key,
+                      labels=labels)
     except (InferenceError, MemoryError):
         raise
     except Exception as exc:  # highdicom and pydicom raise many types, and their messages may quote values

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels, pixel_array
 
+from inference.charset import honour_character_set
 from inference.errors import SeriesError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,9 @@ POSITION_TOL_MM = 0.01
 SPACING_TOL = 0.01
 #: allowed in-plane drift per mm along the normal (about 0.11°); more is a gantry tilt or shear
 TILT_TOL = 2e-3
-#: tolerance on direction cosines when comparing orientations
+#: tolerance on direction cosines when comparing orientations: the one test of "same orientation".
+#: Slices within it are one orientation, and :func:`load_series` gives them all the same
+#: ImageOrientationPatient so the derived objects (whose writers demand identical values) agree
 ORIENTATION_TOL = 1e-4
 
 #: SOP classes that carry no image volume even though some have pixel-like attributes
@@ -148,6 +152,7 @@ def load_series(paths: Sequence[Path]) -> Volume:
     _common(headers, "FrameOfReferenceUID", "frames of reference")
     planes = [plane for k, ds in enumerate(headers) for plane in _planes(ds, k)]
     planes, spacing_z = _sort_and_check(planes, headers[0])
+    _one_orientation(headers)
     row_dir, col_dir = planes[0].row_dir, planes[0].col_dir
     normal = np.cross(row_dir, col_dir)
 
@@ -178,11 +183,63 @@ def load_series(paths: Sequence[Path]) -> Volume:
     return volume
 
 
+def _one_orientation(headers: Sequence[Dataset]) -> None:
+    """Give every slice the series' most common ImageOrientationPatient, as written.
+
+    Called once :func:`_sort_and_check` has found them all within :data:`ORIENTATION_TOL`: scanners
+    round direction cosines differently slice by slice (``0.0038759`` and ``0.00387589``), and the
+    SEG writer demands identical values across the images it references (for a multi-frame image:
+    one orientation in its shared functional groups). Only these in-memory headers change; the
+    stored files stay as they arrived.
+    """
+    written: list[tuple[str, ...]] = []
+    for ds in headers:
+        if "PerFrameFunctionalGroupsSequence" not in ds:
+            if "ImageOrientationPatient" in ds:
+                written.append(_as_written(ds.ImageOrientationPatient))
+            continue
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            orientation = _group(item, None, "PlaneOrientationSequence")
+            if orientation is not None and "ImageOrientationPatient" in orientation:
+                written.append(_as_written(orientation.ImageOrientationPatient))
+    if not written:
+        return
+    counts = Counter(written)
+    chosen = max(counts, key=lambda value: counts[value])  # ties go to the first in file order
+    changed = len(written) - counts[chosen]
+    for ds in headers:
+        if "PerFrameFunctionalGroupsSequence" not in ds:
+            if "ImageOrientationPatient" in ds and _as_written(ds.ImageOrientationPatient) != chosen:
+                ds.ImageOrientationPatient = list(chosen)
+        elif any("PlaneOrientationSequence" in item for item in ds.PerFrameFunctionalGroupsSequence):
+            _share_orientation(ds, chosen)
+    if changed:
+        logger.info("ImageOrientationPatient of %d of %d slice(s) differed by rounding only; the series' "
+                    "single orientation is used for them", changed, len(written))
+
+
+def _as_written(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value)
+
+
+def _share_orientation(ds: Dataset, orientation: tuple[str, ...]) -> None:
+    """Move a multi-frame header's per-frame orientation (all within tolerance) into its shared groups."""
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        if "PlaneOrientationSequence" in item:
+            del item.PlaneOrientationSequence
+    if not ds.get("SharedFunctionalGroupsSequence"):
+        ds.SharedFunctionalGroupsSequence = [Dataset()]
+    plane = Dataset()
+    plane.ImageOrientationPatient = list(orientation)
+    ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [plane]
+
+
 def _read_header(path: Path, k: int) -> Dataset:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise SeriesError(f"instance {k}: not a readable DICOM file ({type(exc).__name__})") from exc
+    honour_character_set(ds, k)  # before any text value is decoded
     meta = getattr(ds, "file_meta", None)
     # anonymised exports sometimes blank these in the data set but keep them in the file meta
     if meta is not None:

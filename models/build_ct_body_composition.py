@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -53,10 +54,15 @@ PATCH = (1, 512, 512)
 FEATURES = BODY_COMPOSITION_FEATURES
 #: the rule's HU thresholds (body, adipose low, adipose/muscle, muscle high, bone), as input features
 THRESHOLDS_HU = BODY_COMPOSITION_THRESHOLDS_HU
-CLASSES = {ADIPOSE: "adipose", MUSCLE: "muscle", BONE: "bone"}
+CLASSES = {ADIPOSE: "adipose", MUSCLE: "soft tissue", BONE: "bone"}
 #: tissue HU ranges a predicted segment's mean must fall in (bone includes marrow)
 HU_RANGES = {ADIPOSE: (-190.0, -30.0), MUSCLE: (-29.0, 150.0), BONE: (200.0, 1500.0)}
 REAL_CT = REPO.parent / "shared" / "data" / "totalsegmentator" / "example_ct_dicom"
+#: what the model accepts (enforced before inference): trunk CT of at least two slices
+BODY_PARTS = ("ABDOMEN", "CHEST", "ABDOMENPELVIS", "CHESTABDOMEN", "CHESTABDPELVIS")
+MIN_SLICES = 2
+SLICE_SPACING_MM = (0.5, 10.0)
+PIXEL_SPACING_MM = (0.4, 8.0)
 
 
 @dataclass(frozen=True)
@@ -194,42 +200,51 @@ def mean_hu(hu: NDArray[np.float32], mask: NDArray[np.bool_]) -> float:
     return float(hu[mask].mean()) if mask.any() else float("nan")
 
 
-def manifest_data(files: dict[str, str], cfg: Config,
-                  figures: dict[str, dict[str, float]]) -> dict[str, object]:
+def segments() -> list[dict[str, object]]:
+    """The output segments: named for what an HU rule can tell apart, coded to match (SNOMED CT)."""
     def tissue() -> dict[str, str]:  # a fresh dict each time: no YAML anchors in the manifest
         return {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
 
+    return [
+        {"label": ADIPOSE, "name": "Adipose tissue", "category": tissue(),
+         "type": {"value": "55603005", "scheme": "SCT", "meaning": "Adipose tissue"},
+         "colour": [255, 214, 0]},
+        # -29..150 HU inside the body: muscle, liver, spleen, kidneys, bowel wall, vessels; not "muscle"
+        {"label": MUSCLE, "name": "Non-adipose soft tissue", "category": tissue(),
+         "type": {"value": "87784001", "scheme": "SCT", "meaning": "Soft tissue"},
+         "colour": [214, 40, 40]},
+        {"label": BONE, "name": "Bone", "category": tissue(),
+         "type": {"value": "3138006", "scheme": "SCT", "meaning": "Bone tissue"},
+         "colour": [240, 240, 220]},
+    ]
+
+
+def manifest_data(files: dict[str, str], cfg: Config,
+                  figures: dict[str, dict[str, float]], train_s: float = 0.0) -> dict[str, object]:
     return {
         "name": NAME,
         "version": VERSION,
         "task": "segmentation",
         "title": "CT body composition (demo)",
-        "description": "Adipose tissue, skeletal muscle and bone on axial CT, slice by slice. Demo "
-                       "model trained on synthetic phantoms with HU-rule labels; not for clinical use.",
+        "description": "Adipose tissue, non-adipose soft tissue (muscle and organs alike) and bone on "
+                       "axial CT, slice by slice, by HU range. Demo model trained on synthetic phantoms "
+                       "with HU-rule labels; not for clinical use.",
         "algorithm_family": {"value": "123110", "scheme": "DCM", "meaning": "Artificial Intelligence"},
         "clinical_use": False,
         "input": {
             "modality": "CT",
-            "body_parts": ["ABDOMEN", "CHEST"],
+            "body_parts": list(BODY_PARTS),
             "orientation": "axial",
             "spacing_mm": None,
             "intensity": {"low": WINDOW[0], "high": WINDOW[1]},
             "patch_size": list(PATCH),
             "overlap": 0.25,
-            "min_slices": 1,
+            "min_slices": MIN_SLICES,
+            "slice_spacing_mm": list(SLICE_SPACING_MM),
+            "pixel_spacing_mm": list(PIXEL_SPACING_MM),
         },
         "output": {
-            "segments": [
-                {"label": ADIPOSE, "name": "Adipose tissue", "category": tissue(),
-                 "type": {"value": "55603005", "scheme": "SCT", "meaning": "Fat"},
-                 "colour": [255, 214, 0]},
-                {"label": MUSCLE, "name": "Skeletal muscle", "category": tissue(),
-                 "type": {"value": "127954009", "scheme": "SCT", "meaning": "Skeletal muscle"},
-                 "colour": [214, 40, 40]},
-                {"label": BONE, "name": "Bone", "category": tissue(),
-                 "type": {"value": "3138006", "scheme": "SCT", "meaning": "Bone"},
-                 "colour": [240, 240, 220]},
-            ],
+            "segments": segments(),
             "measurements": ["volume", "mean", "stddev", "min", "max"],
             "postprocessing": [],
         },
@@ -246,8 +261,21 @@ def manifest_data(files: dict[str, str], cfg: Config,
             "torch": str(torch.__version__),
             "real_ct_dice": ", ".join(f"{k[5:]} {v:.3f}" for k, v in figures.get("real", {}).items()
                                       if k.startswith("dice_")) or "not measured",
+            "training_seconds": f"{train_s:.0f}",
         },
     }
+
+
+def segment_table() -> str:
+    """The segments as a Markdown table, from the same data as the manifest (so the two agree)."""
+    rows = ["| Label | Segment | Category | Type (coded) | Colour (RGB) |", "|---|---|---|---|---|"]
+    for seg in segments():
+        category, kind = seg["category"], seg["type"]
+        assert isinstance(category, dict) and isinstance(kind, dict)
+        rows.append(f"| {seg['label']} | {seg['name']} | {category['meaning']} ({category['scheme']} "
+                    f"{category['value']}) | {kind['meaning']} ({kind['scheme']} {kind['value']}) | "
+                    f"{', '.join(str(c) for c in seg['colour'])} |")  # type: ignore[attr-defined]
+    return "\n".join(rows)
 
 
 def model_card(cfg: Config, train_s: float, onnx_bytes: int, figures: dict[str, dict[str, float]]) -> str:
@@ -261,6 +289,8 @@ def model_card(cfg: Config, train_s: float, onnx_bytes: int, figures: dict[str, 
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    slice_mm = f"{SLICE_SPACING_MM[0]:g}-{SLICE_SPACING_MM[1]:g}"
+    pixel_mm = f"{PIXEL_SPACING_MM[0]:g}-{PIXEL_SPACING_MM[1]:g}"
     real = ("the real CT was not available when this package was built"
             if "real" not in figures else
             "`real` is the 20-slice upper-abdomen Siemens CT from TotalSegmentator's example data "
@@ -271,7 +301,10 @@ def model_card(cfg: Config, train_s: float, onnx_bytes: int, figures: dict[str, 
 appliance has something real to run end to end (DICOM in, ONNX inference, SEG and SR out).
 
 ## What it is
-- Task: per-voxel labels on axial CT: 1 adipose tissue, 2 skeletal muscle, 3 bone (0 background).
+- Task: per-voxel labels on axial CT by HU range: 1 adipose tissue, 2 non-adipose soft tissue, 3 bone
+  (0 background). The segments, as the manifest codes them and the SEG and SR carry them:
+
+{segment_table()}
 - Network: MONAI `BasicUNet`, 2D, features {list(FEATURES)}, batch norm, run slice by slice. Its
   input is the windowed CT plus fixed indicator channels for the rule's HU thresholds
   ({", ".join(f"{t:g}" for t in THRESHOLDS_HU)} HU), computed inside the graph, so the learning goes
@@ -290,9 +323,10 @@ appliance has something real to run end to end (DICOM in, ONNX inference, SEG an
   from `inference/phantom.py`. No patient data was used.
 - Labels: **an HU rule, not expert annotation** (`inference.phantom.hu_reference_labels`): inside the
   largest body region of each slice, bone >= 200 HU with enclosed holes filled, adipose -190..-30 HU,
-  muscle -29..150 HU, each opened with a 3x3 cross. "Skeletal muscle" therefore means *soft tissue in
-  the muscle HU range*: liver, spleen, kidneys, bowel wall and vessels count as muscle; contrast-filled
-  vessels above 200 HU count as bone. The model learns to imitate this rule, nothing more.
+  soft tissue -29..150 HU, each opened with a 3x3 cross. "Non-adipose soft tissue" is therefore
+  *everything in the muscle HU range*: skeletal muscle, liver, spleen, kidneys, bowel wall and vessels
+  alike (which is why it is not called skeletal muscle); contrast-filled vessels above 200 HU count as
+  bone. The model learns to imitate this rule, nothing more.
 - Training: {cfg.steps} steps of {cfg.batch} random {cfg.crop}x{cfg.crop} crops, AdamW, one-cycle LR
   {cfg.lr}, Dice + cross-entropy; seed {cfg.seed}; {train_s:.0f} s on {torch.get_num_threads()} CPU threads
   ({platform.machine()}). Rebuild: `.venv/bin/python models/build_ct_body_composition.py --out
@@ -310,8 +344,18 @@ Dice measures agreement with the HU rule, not anatomical truth.
   or body-composition reporting.
 - Expects axial CT in HU of the trunk; other modalities, non-axial reconstructions or HU-miscalibrated
   series give meaningless output.
-- Muscle is not separated from organs; intermuscular fat inside muscle is labelled adipose; bone
-  includes contrast-enhanced vessels and enclosed marrow.
+- Accepts (the manifest's `input`, enforced before inference; a series outside it fails its job at
+  once with `series_not_accepted`): modality CT; body part one of {", ".join(BODY_PARTS)},
+  or none named (absent, PARTIALBODY, WHOLEBODY); at least {MIN_SLICES} slices; slice spacing
+  {slice_mm} mm; pixel spacing {pixel_mm} mm. The spacing ranges are wide on purpose: the tests
+  run this demo model on small, coarse phantoms (up to 8 mm pixels), while it was trained on
+  0.75-1.3 mm pixels; a clinical package would declare its training range.
+- Single-slice series are refused (`min_slices: {MIN_SLICES}`): the model reports volumes (cm³), and a
+  volume needs a slice spacing measured between slice positions, where one slice has only its nominal
+  SliceThickness. Single-slice body composition (an L3 slice) reports areas (cm²) at a chosen
+  vertebral level, which this model neither measures nor checks.
+- Muscle is not separated from organs (hence "non-adipose soft tissue"); intermuscular fat inside
+  muscle is labelled adipose; bone includes contrast-enhanced vessels and enclosed marrow.
 
 ## Known errors (where it disagrees with the rule)
 - Arms: the rule keeps an arm only when it touches the trunk in that slice (after its opening), a
@@ -319,7 +363,7 @@ Dice measures agreement with the HU rule, not anatomical truth.
   it labels the right arm, which the rule leaves out, and most of the bone disagreement comes from it.
 - Bone marrow and the spinal canal: the rule fills them only where the cortex above 200 HU closes a
   ring in that slice. The model gets this wrong on some vertebrae (too little or too much filled).
-- Boundaries: partial-volume voxels near a threshold (fat/muscle at -30 HU, bone at 200 HU) go either
+- Boundaries: partial-volume voxels near a threshold (fat/soft tissue at -30 HU, bone at 200 HU) go either
   way.
 """
 
@@ -340,6 +384,18 @@ The model was trained on synthetic data only (inference/phantom.py); no third-pa
 """
 
 
+def previous_training_seconds(out: Path) -> float:
+    """The training time of the package already in ``out`` (manifest, or the card of older builds)."""
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        seconds = (yaml.safe_load(manifest.read_text()).get("provenance") or {}).get("training_seconds")
+        if seconds is not None:
+            return float(seconds)
+    card = out / "MODEL_CARD.md"
+    found = re.search(r"seed \d+; (\d+) s on", card.read_text()) if card.is_file() else None
+    return float(found.group(1)) if found else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "models" / NAME)
@@ -347,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=Config.steps)
     parser.add_argument("--real-ct", type=Path, default=REAL_CT,
                         help="a CT series folder to measure on, if present")
+    parser.add_argument("--reuse-model", action="store_true",
+                        help="keep the model.onnx in --out (no training): re-measure it and rewrite the model "
+                             "card and manifest, e.g. after a change of segment names or codes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -355,14 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    net, train_s = train(cfg)
     onnx_path = out / "model.onnx"
-    export(net, onnx_path)
-    with torch.no_grad():  # the exported graph must match the network
-        probe = torch.from_numpy(window(make_phantom((2, 96, 128), (2.5, 3.0, 3.0), seed=1).hu))[None, None]
-        expected = Slab(net)(probe).numpy()
-    runtime = OnnxRuntime(onnx_path, ("CPUExecutionProvider",), intra_op_threads=args.threads)
-    np.testing.assert_allclose(runtime.run(probe.numpy()), expected, rtol=1e-3, atol=1e-3)
+    if args.reuse_model:
+        train_s = previous_training_seconds(out)
+        runtime = OnnxRuntime(onnx_path, ("CPUExecutionProvider",), intra_op_threads=args.threads)
+    else:
+        net, train_s = train(cfg)
+        export(net, onnx_path)
+        with torch.no_grad():  # the exported graph must match the network
+            probe = torch.from_numpy(window(make_phantom((2, 96, 128), (2.5, 3.0, 3.0), seed=1).hu))[None, None]
+            expected = Slab(net)(probe).numpy()
+        runtime = OnnxRuntime(onnx_path, ("CPUExecutionProvider",), intra_op_threads=args.threads)
+        np.testing.assert_allclose(runtime.run(probe.numpy()), expected, rtol=1e-3, atol=1e-3)
 
     (out / "MODEL_CARD.md").write_text("pending\n")
     (out / "LICENSE").write_text(APACHE_NOTICE)
@@ -383,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_bytes = onnx_path.stat().st_size
     (out / "MODEL_CARD.md").write_text(model_card(cfg, train_s, onnx_bytes, figures))
     files = write_digests(out, ["model.onnx", "MODEL_CARD.md", "LICENSE"])
-    (out / MANIFEST_NAME).write_text(yaml.safe_dump(manifest_data(files, cfg, figures), sort_keys=False,
+    (out / MANIFEST_NAME).write_text(yaml.safe_dump(manifest_data(files, cfg, figures, train_s), sort_keys=False,
                                                     allow_unicode=True))
     package = load_package(out)
     log.info("built %s: %.0f s training, model.onnx %.2f MB", package.ref, train_s, onnx_bytes / 1e6)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
+from appliance.routing_explain import explain_stored
 from appliance.store import Job
+from dicom_router.errors import RulesError
+from dicom_router.rules import load_rules
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 RECENT_JOBS = 10
@@ -32,11 +35,21 @@ class JobSummary(BaseModel):
     error: str | None
 
 
+class DestinationStatus(BaseModel):
+    #: outbox items for this destination by state
+    states: dict[str, int]
+    #: the error of the unsent item that failed most recently; ``None`` when none failed
+    last_error: str | None
+    #: epoch seconds when the earliest failed, still pending item is tried again
+    next_retry_at: float | None
+
+
 class Status(BaseModel):
     instances: int
     quarantined: int
     jobs: dict[str, int]
     outbox: dict[str, int]
+    destinations: dict[str, DestinationStatus]
     recent_jobs: list[JobSummary]
 
 
@@ -100,6 +113,19 @@ def build_router(ctx: ApiContext) -> APIRouter:
         if found is None:
             raise ApiError(404, "not_found", f"no job {job_id}")
         return JobOut.of(found)
+
+    @router.get("/studies/{study_uid}/routing")
+    def routing(study_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)]) -> dict[str, Any]:
+        """Each series of a stored study, each rule, and why it matched or not (``portico rules explain``)."""
+        try:
+            rules = load_rules(ctx.settings.rules_path)
+        except RulesError as exc:
+            raise ApiError(409, "rules_invalid", "the routing rules file is invalid; see portico rules check") \
+                from exc
+        explanation = explain_stored(ctx.store, rules, study_uid)
+        if explanation is None:
+            raise ApiError(404, "not_found", "no stored instances of this study")
+        return explanation.as_dict()
 
     @router.get("/audit")
     def audit(study_uid: StudyUid = None,

@@ -14,7 +14,7 @@ COMMANDS = {
     "demo": ("appliance.cli.demo", "start Orthanc + Portico, send a phantom study, show the results"),
     "echo": ("appliance.cli.echo", "C-ECHO a configured destination"),
     "send": ("appliance.cli.send", "C-STORE files to a configured destination"),
-    "rules": ("appliance.cli.rules", "rules check FILE: validate a routing rules file"),
+    "rules": ("appliance.cli.rules", "rules check FILE | explain STUDY_UID: validate rules, explain routing"),
     "models": ("appliance.cli.models", "models list | verify: installed model packages"),
     "fl": ("appliance.cli.fl", "fl enrol|request|status|approve|reject|cohort|export|run: federated learning"),
     "review": ("appliance.cli.review", "review list|show|approve|reject: results held for a reviewer"),
