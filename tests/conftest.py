@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,13 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _pynetdicom_acceptor_config() -> Iterator[None]:
+    """Our SCP makes pynetdicom's storage negotiation unrestricted process-wide; other receivers must not inherit it."""
+    from pynetdicom import _config
+
+    before = _config.UNRESTRICTED_STORAGE_SERVICE
+    yield
+    _config.UNRESTRICTED_STORAGE_SERVICE = before
