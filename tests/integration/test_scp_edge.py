@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -27,11 +26,11 @@ from dicom_router.edge import Refusal, RefusalCount
 from dicom_router.scp import StorageSCP
 from dicom_router.settings import EdgeSettings, Peer, RouterSettings
 from tests.support.net import free_port
+from tests.support.peers import NOISY, STRANGER, connect, echo
 from tests.support.polling import wait_for
 from tests.unit.dicom_router.memory_sink import FolderSink
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
-STRANGER, NOISY = "127.0.0.2", "127.0.0.3"
 
 
 @dataclass
@@ -73,23 +72,6 @@ def scp(request: pytest.FixtureRequest, start: Callable[..., Running]) -> Runnin
     return start(event_driven=request.param)
 
 
-def connect(port: int, source: str) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-
-
-def echo(port: int, calling: str = "PYSCU", timeout: float = 2.0) -> bool:
-    """A C-ECHO from 127.0.0.1 that must be answered within ``timeout`` seconds."""
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate("127.0.0.1", port, ae_title="PORTICO")
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
 
 
 def rss_bytes() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.demo import PorticoProcess, portico_config
 from appliance.demo_study import write_ct_series
@@ -31,13 +28,13 @@ from inference.phantom import make_phantom
 from tests.conftest import REPO
 from tests.support.certs import Pki, make_pki
 from tests.support.net import free_port
+from tests.support.peers import NOISY, STRANGER, connect, echo
 from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")]
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
-STRANGER, NOISY = "127.0.0.2", "127.0.0.3"
 
 
 @dataclass
@@ -96,27 +93,11 @@ def storescu(port: int, calling: str, paths: list[Path], *options: str) -> subpr
                           check=False)
 
 
-def echo(port: int, timeout: float = 2.0) -> bool:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate("127.0.0.1", port, ae_title="PORTICO")
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
-
-
-def connect(port: int, source: str) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
 
 def intact(served: Served) -> None:
     """The service answers the modality and still holds every instance it acknowledged."""
-    assert echo(served.port)
+    assert echo(served.port, "MODALITY")
     store = served.store()
     try:
         assert store.instance_count() == len(served.series)
@@ -130,7 +111,7 @@ def test_slow_connection_flood(served: Served) -> None:
             for _ in range(50):
                 with suppress(OSError):  # a stranger's socket is closed at accept
                     stack.enter_context(connect(served.port, source)).sendall(b"\x01")
-        assert echo(served.port, timeout=2.0)  # answered within 2 s with 50 slow sockets open
+        assert echo(served.port, "MODALITY", timeout=2.0)  # answered within 2 s with 50 slow sockets open
     intact(served)
 
 
