@@ -6,6 +6,14 @@ the manifest's measurements: Volume (SCT 118565006, cm3) and, for CT, the attenu
 (DCM 112031, HU) with derivation Mean, Standard Deviation, Minimum or Maximum. An empty segment
 reports a volume of 0 and no intensity statistics.
 
+For each non-empty segment a TID 1410 planar group follows (viewers such as OHIF draw only planar
+ROIs): the segment's area (SCT 42798000, cm2) on its reference slice, with the outline of its
+largest region there as a SCOORD POLYLINE on that source image (:mod:`inference.results.planar`).
+Both groups of a segment carry the same tracking identifier and UID (the SEG's): they measure the
+same tracked finding. OHIF (3.13) merges groups by tracking UID into one measurement; a volumetric
+group with a UID of its own becomes a measurement without coordinates, which stops OHIF from showing
+the report at all (it reads ``coords[0]`` of every measurement).
+
 The report says it is machine output: the observer is the appliance (a device observer, TID 1004),
 every group names the algorithm (TID 4019), the series description starts with "AI", the document
 is left unverified and partial, and models not cleared for clinical use mark it ``RESEARCH``.
@@ -18,12 +26,15 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as SrCode
 
 from inference.measurements import SegmentMeasurement
 from inference.packages import Manifest, Measurement
+from inference.results.planar import PlanarRegion, planar_regions
 from inference.results.seg import coded, content_qualification, device_attributes, lo, pin_times, tracking_uid
 from inference.results.uids import derive_uid, derived_uids
 from inference.settings import DeviceIdentity
@@ -37,6 +48,8 @@ VOLUME = SrCode("118565006", "SCT", "Volume")
 CUBIC_CENTIMETER = SrCode("cm3", "UCUM", "cubic centimeter")
 ATTENUATION = SrCode("112031", "DCM", "Attenuation Coefficient")
 HOUNSFIELD_UNIT = SrCode("[hnsf'U]", "UCUM", "Hounsfield unit")
+AREA = SrCode("42798000", "SCT", "Area")
+SQUARE_CENTIMETER = SrCode("cm2", "UCUM", "square centimeter")
 #: derivation (CID 7464) of each intensity statistic, and where it sits in SegmentMeasurement
 DERIVATIONS: dict[Measurement, tuple[SrCode, str]] = {
     Measurement.MEAN: (SrCode("373098007", "SCT", "Mean"), "mean"),
@@ -87,6 +100,34 @@ def _measurements(found: SegmentMeasurement, wanted: Sequence[Measurement],
     return out
 
 
+def _tracking(uid_root: str, run_key: str, manifest: Manifest, label: int, name: str) -> hd.sr.TrackingIdentifier:
+    """The segment as a tracked finding: one UID (the SEG's) for its volumetric and its planar group."""
+    return hd.sr.TrackingIdentifier(uid=tracking_uid(uid_root, run_key, manifest, label),
+                                    identifier=lo(f"{manifest.name} {name}"))
+
+
+def _planar_group(region: PlanarRegion, volume: Volume, tracking: hd.sr.TrackingIdentifier,
+                  finding_type: hd.sr.CodedConcept, finding_category: hd.sr.CodedConcept,
+                  algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the segment's area on its reference slice, outlined on that source image."""
+    source = volume.frames[region.slice_index]
+    image = volume.datasets[source.instance]
+    frames = [source.frame] if volume.is_multiframe else None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region.outline,
+            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID, frames),
+            pixel_origin_interpretation=(hd.sr.PixelOriginInterpretationValues.FRAME if frames else None),
+        ),
+        finding_type=finding_type,
+        finding_category=finding_category,
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=AREA, value=round(region.area_cm2, 4), unit=SQUARE_CENTIMETER)],
+    )
+
+
 def build_sr(
     seg: Dataset,
     volume: Volume,
@@ -98,13 +139,15 @@ def build_sr(
     series_number: int = DEFAULT_SR_SERIES_NUMBER,
     *,
     content_datetime: dt.datetime | None = None,
+    labels: NDArray[np.uint8] | None = None,
 ) -> Dataset:
     """Build the Measurement Report of ``measurements`` for the segments of ``seg``.
 
     ``seg`` is the object from :func:`inference.results.seg.build_seg` for the same run; its
     segment ``i + 1`` is ``manifest.output.segments[i]``. Evidence is the SEG and the source
     instances. UIDs derive from ``uid_root``, ``run_key`` and the model's name and version;
-    ``content_datetime`` fixes every date and time written (the default is now).
+    ``content_datetime`` fixes every date and time written (the default is now). With ``labels``, the
+label map the SEG encodes, each non-empty segment also gets a planar group (TID 1410).
 
     Raises
     ------
@@ -127,13 +170,11 @@ def build_sr(
         manufacturer=lo(device.manufacturer),
     )
     source_series = hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)
-    groups = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for number, segment in enumerate(segments, start=1):
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=tracking_uid(uid_root, run_key, manifest, segment.label),
-                identifier=lo(f"{manifest.name} {segment.name}"),
-            ),
+            tracking_identifier=_tracking(uid_root, run_key, manifest, segment.label, segment.name),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
@@ -146,6 +187,14 @@ def build_sr(
             measurements=_measurements(by_label[segment.label], manifest.output.measurements,
                                        volume.modality),
         ))
+    if labels is not None:
+        regions = planar_regions(labels, [s.label for s in segments], volume.spacing[1:])
+        for segment in segments:
+            if segment.label not in regions:
+                continue  # an empty segment has no cross-section to outline
+            groups.append(_planar_group(
+                regions[segment.label], volume, _tracking(uid_root, run_key, manifest, segment.label, segment.name),
+                coded(segment.type), coded(segment.category), algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(device, uid_root)),

@@ -183,6 +183,22 @@ def _render(volume: Volume, labels: NDArray[np.uint8], z: int, manifest: Manifes
     return np.asarray(canvas, dtype=np.uint8)
 
 
+def render_key_images(volume: Volume, labels: NDArray[np.integer] | NDArray[np.bool_],
+                      measurements: Sequence[SegmentMeasurement], manifest: Manifest,
+                      key_slices: int = 3) -> list[tuple[int, NDArray[np.uint8]]]:
+    """``(z, RGB pixels)`` of each key slice, rendered as :func:`build_summary` renders them.
+
+    For a screen (the review dashboard) that shows the overlay without a DICOM wrapper.
+    """
+    label_map = as_label_map(labels, volume.hu.shape)
+    chosen = key_slice_indices(label_map, key_slices)
+    found = {m.label: m for m in measurements}
+    layout = _layout(volume)
+    return [(z, _render(volume, label_map, z, manifest, found, layout,
+                        f"key image {n}/{len(chosen)}, slice {z + 1}/{volume.shape[0]}"))
+            for n, z in enumerate(chosen, start=1)]
+
+
 def _orientation(vector: NDArray[np.float64]) -> str:
     """The patient direction (DICOM letter) a unit LPS vector points closest to."""
     axis = int(np.argmax(np.abs(vector)))
@@ -311,12 +327,18 @@ def labels_from_seg(seg: Dataset, volume: Volume, manifest: Manifest) -> NDArray
     data = np.frombuffer(seg.PixelData, dtype=np.uint8)
     per_frame = rows * cols
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
+
+    def segment_number(item: Dataset) -> int:
+        # a SEG with one segment may identify it once, in the shared functional groups
+        holder = item if "SegmentIdentificationSequence" in item else shared
+        return int(holder.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+
     order = sorted(range(len(seg.PerFrameFunctionalGroupsSequence)),
-                   key=lambda i: int(seg.PerFrameFunctionalGroupsSequence[i]
-                                     .SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+                   key=lambda i: segment_number(seg.PerFrameFunctionalGroupsSequence[i]))
     for i in order:
         item = seg.PerFrameFunctionalGroupsSequence[i]
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        number = segment_number(item)
         source = item.DerivationImageSequence[0].SourceImageSequence[0]
         key = (str(source.ReferencedSOPInstanceUID), int(source.get("ReferencedFrameNumber", 1) or 1))
         if key not in z_of or number not in label_of:

@@ -53,10 +53,18 @@ def test_real_compressed_ct_gets_seg_and_sr(
     referenced = {ref.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
                   for ref in s.ReferencedInstanceSequence}
     assert referenced == sources
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Adipose tissue", "Skeletal muscle", "Bone"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Adipose tissue", "Non-adipose soft tissue", "Bone"]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == \
+        ["55603005", "87784001", "3138006"]
     sr = hd.sr.srread(io.BytesIO(pacs.client.get_instances_id_file(derived["SR"][0])))
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 3
+    planar = sr.content.get_planar_roi_measurement_groups()  # what OHIF draws: an outline per segment
+    assert len(planar) == 3
+    for group in planar:
+        assert group.roi is not None and group.roi.ContentSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID in sources
+        assert [m.name.meaning for m in group.get_measurements()] == ["Area"]
     store = portico.store()
     try:
         measurements = store.results()[0].detail.get("measurements") or store.results()[1].detail["measurements"]
@@ -64,5 +72,5 @@ def test_real_compressed_ct_gets_seg_and_sr(
         store.close()
     by_name = {m["name"]: m for m in measurements}
     assert -190 <= by_name["Adipose tissue"]["mean"] <= -30
-    assert -29 <= by_name["Skeletal muscle"]["mean"] <= 150
+    assert -29 <= by_name["Non-adipose soft tissue"]["mean"] <= 150
     assert by_name["Bone"]["mean"] >= 150

@@ -1,0 +1,169 @@
+"""A planar view of each segment for the SR: its reference slice, area there, and outline.
+
+Viewers that read TID 1500 (OHIF among them) draw planar ROIs (TID 1410: a SCOORD on one source
+image) and ignore volumetric groups that reference a SEG. So each segment also gets its
+cross-section on a *reference slice*: the slice where the segment's area is largest (ties go to the
+lowest slice index). A model cannot name an anatomical level (such as L3, the body-composition
+convention) without locating it; a model that does so would pass that slice in instead.
+
+The outline is the outer boundary of the segment's largest 4-connected region on that slice with
+its holes filled, traced along pixel edges, in SCOORD image coordinates: (column, row), the top-left
+corner of the top-left pixel at (0, 0). The area reported is the segment's whole area on the slice
+(every region, holes excluded), so it can differ from the area inside the outline; the SR says so in
+its tracking identifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+#: a closed outline is simplified (Douglas–Peucker) to within this many pixels of the pixel edges
+SIMPLIFY_PX = 0.5
+#: …and never keeps more than this many points
+MAX_POINTS = 1000
+
+
+@dataclass(frozen=True)
+class PlanarRegion:
+    """One segment on its reference slice."""
+
+    label: int
+    #: z index of the reference slice in the volume
+    slice_index: int
+    #: pixels of the segment on that slice
+    pixel_count: int
+    #: cm² (pixel count × row spacing × column spacing / 100)
+    area_cm2: float
+    #: closed polyline (first point repeated last), (column, row) in SCOORD image coordinates
+    outline: NDArray[np.float32]
+
+
+def reference_slice(mask: NDArray[np.bool_]) -> int | None:
+    """The z index where ``mask`` (z, y, x) has most pixels; ``None`` when it is empty."""
+    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    if not counts.any():
+        return None
+    return int(np.argmax(counts))
+
+
+def _loops(region: NDArray[np.bool_]) -> list[list[tuple[int, int]]]:
+    """Closed loops of pixel corners (row, column) around ``region``, interior on the right."""
+    padded = np.pad(region, 1)
+    inside = padded[1:-1, 1:-1]
+    # a directed edge per foreground pixel side that faces background, clockwise on screen
+    nexts: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def add(edges_from: NDArray[np.intp], d_start: tuple[int, int], d_end: tuple[int, int]) -> None:
+        for r, c in edges_from:
+            start = (int(r) + d_start[0], int(c) + d_start[1])
+            nexts.setdefault(start, []).append((int(r) + d_end[0], int(c) + d_end[1]))
+
+    add(np.argwhere(inside & ~padded[:-2, 1:-1]), (0, 0), (0, 1))      # top: left → right
+    add(np.argwhere(inside & ~padded[1:-1, 2:]), (0, 1), (1, 1))       # right: top → bottom
+    add(np.argwhere(inside & ~padded[2:, 1:-1]), (1, 1), (1, 0))       # bottom: right → left
+    add(np.argwhere(inside & ~padded[1:-1, :-2]), (1, 0), (0, 0))      # left: bottom → top
+    loops = []
+    while nexts:
+        start = min(nexts)
+        loop = [start]
+        here = start
+        heading = (0, 1)
+        while True:
+            options = nexts[here]
+            if len(options) == 1:
+                step = options.pop()
+            else:
+                # two pixels touch diagonally at this corner: turn right, staying with the pixel on our
+                # right (4-connectivity); with rows down, right of heading (dr, dc) is (dc, -dr)
+                turn = (here[0] + heading[1], here[1] - heading[0])
+                step = turn if turn in options else options[0]
+                options.remove(step)
+            if not options:
+                del nexts[here]
+            heading = (step[0] - here[0], step[1] - here[1])
+            here = step
+            if here == start:
+                break
+            loop.append(here)
+        loops.append(loop)
+    return loops
+
+
+def _shoelace(points: NDArray[np.float64]) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _simplify(points: NDArray[np.float64], tolerance: float) -> NDArray[np.float64]:
+    """Douglas–Peucker on an open polyline (both ends kept)."""
+    keep = np.zeros(len(points), dtype=bool)
+    keep[0] = keep[-1] = True
+    stack = [(0, len(points) - 1)]
+    while stack:
+        first, last = stack.pop()
+        if last - first < 2:
+            continue
+        a, b = points[first], points[last]
+        span = points[first + 1:last]
+        ab = b - a
+        norm = float(np.hypot(*ab))
+        if norm == 0.0:
+            distances = np.hypot(*(span - a).T)
+        else:
+            distances = np.abs(ab[0] * (span[:, 1] - a[1]) - ab[1] * (span[:, 0] - a[0])) / norm
+        index = int(np.argmax(distances))
+        if distances[index] > tolerance:
+            middle = first + 1 + index
+            keep[middle] = True
+            stack.extend([(first, middle), (middle, last)])
+    return points[keep]
+
+
+def outline(mask2d: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """The closed outline (column, row) of the largest region of ``mask2d``, holes filled.
+
+    Raises
+    ------
+    ValueError
+        When ``mask2d`` is empty.
+    """
+    components, count = ndimage.label(mask2d)
+    if count == 0:
+        raise ValueError("no region to outline")
+    sizes = np.bincount(components.ravel())[1:]
+    region = ndimage.binary_fill_holes(components == (int(np.argmax(sizes)) + 1))
+    loops = _loops(np.asarray(region, dtype=bool))
+    # (row, column) corners → (column, row) points; the largest loop is the outer boundary
+    candidates = [np.array([(c, r) for r, c in loop], dtype=np.float64) for loop in loops]
+    points = max(candidates, key=_shoelace)
+    # split the closed loop at its farthest point from the start so both halves simplify well
+    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
+    closed = np.vstack([points, points[:1]])
+    tolerance = SIMPLIFY_PX
+    while True:
+        simplified = np.vstack([_simplify(closed[:far + 1], tolerance)[:-1], _simplify(closed[far:], tolerance)])
+        if len(simplified) <= MAX_POINTS:
+            break
+        tolerance *= 2
+    return simplified.astype(np.float32)
+
+
+def planar_regions(labels: NDArray[np.uint8], label_values: list[int],
+                   spacing_yx: tuple[float, float]) -> dict[int, PlanarRegion]:
+    """The :class:`PlanarRegion` of each label in ``label_values`` that is present in ``labels``."""
+    out = {}
+    for label in label_values:
+        mask = labels == label
+        z = reference_slice(mask)
+        if z is None:
+            continue
+        plane = mask[z]
+        count = int(plane.sum())
+        out[label] = PlanarRegion(label=label, slice_index=z, pixel_count=count,
+                                  area_cm2=count * spacing_yx[0] * spacing_yx[1] / 100.0,
+                                  outline=outline(plane))
+    return out
