@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -18,7 +19,11 @@ from appliance.settings import ReviewSettings, Settings
 from appliance.store import Store
 from fl_client.approvals import Approvals, Decision, DecisionKind
 from fl_client.dataset import CandidateSeries, build_index
+from fl_client.errors import PolicyError
+from fl_client.job_review import review_job, review_trainer
+from fl_client.kit import enrolment
 from fl_client.layout import SiteLayout, read_json, write_json
+from fl_client.policy import floor_of_privacy
 from fl_client.supervisor import FLEvent, FLEventKind, FLSupervisor
 from inference.packages import load_package
 
@@ -31,7 +36,8 @@ _EVENT_AUDIT = {
     FLEventKind.STOPPED: AuditEvent.FL_CLIENT, FLEventKind.JOB_WAITING: AuditEvent.FL_JOB_WAITING,
     FLEventKind.JOB_STARTED: AuditEvent.FL_CLIENT, FLEventKind.ROUND: AuditEvent.FL_ROUND,
     FLEventKind.JOB_FINISHED: AuditEvent.FL_JOB_FINISHED, FLEventKind.EXPORTED: AuditEvent.FL_EXPORTED,
-    FLEventKind.EXPORT_FAILED: AuditEvent.FL_EXPORTED,
+    FLEventKind.EXPORT_FAILED: AuditEvent.FL_EXPORTED, FLEventKind.JOB_REFUSED: AuditEvent.FL_JOB_REJECTED,
+    FLEventKind.PRIVACY_BUDGET_SPENT: AuditEvent.FL_PRIVACY_BUDGET_SPENT,
 }
 
 
@@ -110,19 +116,70 @@ def install_candidate(settings: Settings, store: Store, job_id: str, actor: str)
 
 
 def decide_job(settings: Settings, store: Store, job_id: str, decision: DecisionKind, actor: str,
-               reason: str = "") -> Decision:
+               reason: str = "", *, job_folder: Path | None = None, content_sha256: str | None = None) -> Decision:
     """Approve or reject a job waiting at this site, audited (for the CLI and the API).
+
+    An approval binds the content of the job's client app: reviewed from ``job_folder`` (the folder the
+    researchers submitted), or given as ``content_sha256`` (what ``portico fl inspect`` or the pending
+    job's deployed content showed). A job deployed with other content does not start.
 
     Raises
     ------
     KeyError
         When the job has not asked to run here.
+    PolicyError
+        When an approval names no content, or the content breaks the site's floor or policy.
     """
-    made = Approvals(layout_of(settings)).decide(job_id, decision, actor=actor, reason=reason)
+    layout = layout_of(settings)
+    approvals = Approvals(layout)
+    pending = approvals.pending_job(job_id)
+    if pending is None and approvals.decision(job_id) is None:
+        raise KeyError(job_id)
+    review: dict[str, Any] = {}
+    sha = ""
+    if decision == "approved":
+        info = enrolment(layout)
+        if job_folder is not None:
+            reviewed = review_job(job_folder, settings.fl, info.site if info else None, layout=layout,
+                                  project=info.project if info else None)
+            if reviewed.problems:
+                raise PolicyError("not approved: " + "; ".join(reviewed.problems))
+            earlier = approvals.decision(job_id)
+            known = pending.name if pending else (earlier.name if earlier else "")
+            if known and reviewed.name != known:
+                raise PolicyError(f"the folder is job {reviewed.name!r}, job {job_id} is {known!r}")
+            if content_sha256 and content_sha256 != reviewed.client_app_sha256:
+                raise PolicyError("the content hash given is not the folder's")
+            review, sha = reviewed.to_json(), reviewed.client_app_sha256
+        elif content_sha256:
+            sha = content_sha256
+            deployed = (pending.meta.get("deployed") if pending else None) or {}
+            if isinstance(deployed, dict) and deployed.get("client_app_sha256") == sha:
+                problems = review_trainer(dict(deployed.get("trainer") or {}), settings.fl)
+                problems += list(deployed.get("problems") or [])
+                if problems:
+                    raise PolicyError("not approved: " + "; ".join(problems))
+                review = {"deployed": deployed, "privacy": floor_of_privacy(settings.fl.privacy)}
+        else:
+            raise PolicyError("an approval binds the job's content: give the job folder (portico fl approve JOB "
+                              "--job FOLDER) or its content hash (--content-sha256, from portico fl inspect)")
+    made = approvals.decide(job_id, decision, actor=actor, reason=reason, client_app_sha256=sha, review=review,
+                            name=None if pending else earlier_of(approvals, job_id).name,
+                            submitter=None if pending else earlier_of(approvals, job_id).submitter)
     event = AuditEvent.FL_JOB_APPROVED if decision == "approved" else AuditEvent.FL_JOB_REJECTED
-    store.record(AuditRecord(event, actor=actor, detail={"fl_job_id": made.job_id, "name": made.name,
-                                                         "submitter": made.submitter, "reason": made.reason}))
+    store.record(AuditRecord(event, actor=actor, detail={
+        "fl_job_id": made.job_id, "name": made.name, "submitter": made.submitter, "reason": made.reason,
+        "client_app_sha256": made.client_app_sha256, "job_sha256": review.get("job_sha256"),
+        "trainer": review.get("trainer") or (review.get("deployed") or {}).get("trainer"),
+        "rounds": review.get("rounds"), "privacy": review.get("privacy")}))
     return made
+
+
+def earlier_of(approvals: Approvals, job_id: str) -> Decision:
+    found = approvals.decision(job_id)
+    if found is None:
+        raise KeyError(job_id)
+    return found
 
 
 def build_supervisor(settings: Settings, store: Store) -> FLSupervisor:

@@ -10,7 +10,7 @@ import fcntl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from fl_client.layout import SiteLayout, read_json, write_json
@@ -28,6 +28,10 @@ class Decision:
     actor: str
     reason: str
     at: float
+    #: the sha256 of the client app's content the approval binds (:func:`fl_client.job_review.content_hash`)
+    client_app_sha256: str = ""
+    #: what the administrator saw: trainer arguments, model, rounds, privacy floor, job hash
+    review: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class Approvals:
         return [Decision(**v) for v in self._decisions().values() if isinstance(v, dict)]
 
     def decide(self, job_id: str, decision: DecisionKind, *, actor: str, reason: str = "",
-               name: str | None = None, submitter: str | None = None) -> Decision:
+               name: str | None = None, submitter: str | None = None, client_app_sha256: str = "",
+               review: dict[str, Any] | None = None) -> Decision:
         """Record a decision. The job's name and submitter come from its pending record unless given.
 
         Raises
@@ -85,7 +90,8 @@ class Approvals:
             made = Decision(job_id=job_id, decision=decision,
                             name=name if name is not None else pending.name if pending else "",
                             submitter=submitter if submitter is not None else pending.submitter if pending else "",
-                            actor=actor, reason=reason, at=time.time())
+                            actor=actor, reason=reason, at=time.time(), client_app_sha256=client_app_sha256,
+                            review=review or {})
             data = self._decisions()
             data[job_id] = asdict(made)
             write_json(self.layout.approvals, data)

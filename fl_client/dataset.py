@@ -9,6 +9,7 @@ a path. Labels come from SEGs (approved in review or imported alongside the stud
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -62,6 +63,8 @@ class SeriesRecord(BaseModel):
     split: Literal["train", "val"]
     image_paths: tuple[str, ...]
     seg_paths: tuple[str, ...]
+    #: a one-way key of the PatientID (counted for the privacy floor; the ID itself is not kept here)
+    patient: str = ""
 
 
 class CohortIndex(BaseModel):
@@ -107,6 +110,12 @@ def split_of(study_uid: str, validation_fraction: float) -> Literal["train", "va
     return "val" if (zlib.crc32(study_uid.encode()) % 10_000) / 10_000 < validation_fraction else "train"
 
 
+def patient_key(header: Dataset) -> str:
+    """sha256 of the PatientID (first 16 hex digits); empty when the header has none."""
+    pid = str(getattr(header, "PatientID", "") or "")
+    return hashlib.sha256(pid.encode()).hexdigest()[:16] if pid else ""
+
+
 def build_index(name: str, rule: CohortRule, source: StudySource, out: Path) -> CohortIndex:
     """Apply ``rule`` to ``source`` and write the cohort index to ``out``."""
     if not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}$", name):
@@ -118,7 +127,8 @@ def build_index(name: str, rule: CohortRule, source: StudySource, out: Path) -> 
     records = [SeriesRecord(study_uid=c.study_uid, series_uid=c.series_uid,
                             split=split_of(c.study_uid, rule.validation_fraction),
                             image_paths=tuple(str(p) for p in c.image_paths),
-                            seg_paths=tuple(str(p) for p in label_paths(rule, c))) for c in chosen]
+                            seg_paths=tuple(str(p) for p in label_paths(rule, c)),
+                            patient=patient_key(c.header)) for c in chosen]
     # every cohort with two or more series validates on at least one and trains on at least one
     if len(records) >= 2 and rule.validation_fraction > 0:
         splits = {r.split for r in records}

@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 
 CLIENT_CONFIG = "fed_client.json"
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,62}$"
+#: what NVFlare's provisioning puts in a client kit's ``local/``: accepted, and not installed (Portico
+#: writes its own policy files there; nothing from a kit's ``local/`` is ever loaded)
+KIT_LOCAL_KNOWN = frozenset({"authorization.json.default", "resources.json.default", "privacy.json.sample",
+                             "log_config.json.default"})
+#: code-bearing files refused anywhere in a kit (NVFlare imports ``local/custom`` in every process)
+CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyd", ".so", ".pth", ".egg", ".whl", ".zip"})
+FINGERPRINT_WAIVER_FLAG = "--i-checked-the-server-fingerprint-otherwise"
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,36 @@ def validate_kit(kit: Path, *, require_key: bool = True) -> KitInfo:
                    certificate_not_after=cert.not_valid_after_utc.isoformat())
 
 
+def check_contents(kit: Path) -> None:
+    """Refuse a kit that carries code or anything unknown in ``local/`` (it would run at this site).
+
+    Raises
+    ------
+    KitError
+        Naming the offending paths.
+    """
+    offending: list[str] = []
+    for path in sorted(kit.rglob("*")):
+        rel = path.relative_to(kit).as_posix()
+        if path.is_dir() and path.name == "custom":
+            offending.append(f"{rel}/ (custom code folder)")
+        elif path.is_file() and path.suffix.lower() in CODE_SUFFIXES:
+            offending.append(f"{rel} (code)")
+    local = kit / "local"
+    if local.is_dir():
+        for path in sorted(local.iterdir()):
+            rel = path.relative_to(kit).as_posix()
+            if path.name not in KIT_LOCAL_KNOWN and not any(o.startswith(rel) for o in offending):
+                offending.append(f"{rel} (not a file NVFlare's provisioning writes)")
+    if offending:
+        raise KitError("the kit carries files that would run or configure this site, refused: "
+                       + "; ".join(offending[:10]) + ". Ask the project admin for a plain provisioned kit; "
+                       "Portico writes local/ itself")
+    config = read_json(kit / "startup" / CLIENT_CONFIG, {}) or {}
+    if isinstance(config, dict) and config.get("require_signed_jobs") is False:
+        raise KitError("the kit turns off NVFlare's signed-job checking (require_signed_jobs: false), refused")
+
+
 def _verify_signature_json(kit: Path, python: str) -> None:
     """Centrally provisioned kits carry ``signature.json``; check it with NVFlare's own tool."""
     if not (kit / "startup" / "signature.json").is_file():
@@ -186,10 +223,18 @@ def _verify_signature_json(kit: Path, python: str) -> None:
                        f"{(proc.stdout + proc.stderr).strip()[-300:]}")
 
 
-def install_kit(source: Path, layout: SiteLayout, *, python: str | None = None, mode: str = "kit") -> KitInfo:
+def same_fingerprint(a: str, b: str) -> bool:
+    return a.replace(":", "").replace(" ", "").upper() == b.replace(":", "").replace(" ", "").upper()
+
+
+def install_kit(source: Path, layout: SiteLayout, *, python: str | None = None, mode: str = "kit",
+                expected_fingerprint: str | None = None, fingerprint_waived: bool = False) -> KitInfo:
     """Validate ``source`` (zip or folder) and install it as ``layout.site``, replacing any earlier kit.
 
-    Site-managed files in ``local/`` are written afterwards by :func:`fl_client.policy.write_policy`.
+    The kit's root CA must match ``expected_fingerprint`` (received out of band) unless the
+    administrator waived that check (``fingerprint_waived``; the caller audits it). Only ``startup/`` is
+    installed; ``local/`` starts empty and Portico's policy files are written afterwards by
+    :func:`fl_client.policy.write_policy`.
     """
     layout.ensure()
     python = python or sys.executable
@@ -203,13 +248,21 @@ def install_kit(source: Path, layout: SiteLayout, *, python: str | None = None, 
         else:
             raise KitError(f"{source}: neither a zip file nor a folder")
         kit = find_kit_root(staging)
+        check_contents(kit)
         info = validate_kit(kit)
+        if expected_fingerprint is not None:
+            if not same_fingerprint(info.root_ca_fingerprint, expected_fingerprint):
+                raise KitError(f"the kit's root CA is {info.root_ca_fingerprint}, not the fingerprint given: "
+                               "this is not the project's server")
+        elif not fingerprint_waived:
+            raise KitError("give the project's root CA fingerprint, received out of band (--fingerprint SHA256:…), "
+                           f"or {FINGERPRINT_WAIVER_FLAG} (audited)")
         _verify_signature_json(kit, python)
         info = KitInfo(**{**info.to_json(), "mode": mode})
         target = Path(tmp) / "site"
         target.mkdir()
         shutil.copytree(kit / "startup", target / "startup")
-        shutil.copytree(kit / "local", target / "local") if (kit / "local").is_dir() else (target / "local").mkdir()
+        (target / "local").mkdir()  # nothing from the kit's local/: Portico writes its own policy there
         (target / "transfer").mkdir()
         # read-only and owner-only, like everything in the appliance's data folder
         for path in (target / "startup").iterdir():
@@ -275,6 +328,14 @@ def make_request(layout: SiteLayout, *, project: str, site: str, org: str, pytho
     return request_zip
 
 
+def is_signed_zip(path: Path) -> bool:
+    """A signed zip of distributed provisioning (no ``startup/fed_client.json`` in it), not a kit."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return not any(n.endswith(f"startup/{CLIENT_CONFIG}") for n in zf.namelist())
+
+
 def package_signed(signed_zip: Path, layout: SiteLayout, *, expected_fingerprint: str,
                    python: str | None = None) -> KitInfo:
     """Distributed provisioning, step 2: the approved signed zip + our private key → installed kit."""
@@ -291,7 +352,5 @@ def package_signed(signed_zip: Path, layout: SiteLayout, *, expected_fingerprint
         kits = [p.parent.parent for p in Path(tmp).rglob(f"startup/{CLIENT_CONFIG}")]
         if len(kits) != 1:
             raise KitError(f"nvflare package produced {len(kits)} client kits, expected one")
-        info = install_kit(kits[0], layout, python=python, mode="csr")
-    if info.root_ca_fingerprint.replace(":", "").upper() != expected_fingerprint.replace(":", "").upper():
-        raise KitError("the installed kit's root CA does not match the expected fingerprint")
+        info = install_kit(kits[0], layout, python=python, mode="csr", expected_fingerprint=expected_fingerprint)
     return info

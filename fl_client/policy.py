@@ -5,8 +5,10 @@
 - ``resources.json``: only Portico's pre-installed trainer and a few privacy filters may be built
   from a job (``class_allow_list`` in ``enforce`` mode); the approval gate and the status writer are
   site components; NVFlare's log streaming to the server is off.
-- ``privacy.json``: one default scope whose result filters run on every outgoing result: the site's
-  exclusions and percentile privacy when configured, and always the ledger of what left the site.
+- ``privacy.json``: one default scope on every job: the global weights a task brings are kept
+  (:class:`fl_client.privacy.GlobalModelKeeper`); every outgoing result passes the site's privacy
+  floor (:class:`fl_client.privacy.PrivacyFloor`: trainable variables only, clipped and noised update,
+  budget), percentile privacy when configured, and always the ledger of what left the site.
 - ``<control>/site.json``: what the trainer may use (allowed models, cohort index files, device).
 
 Rewritten on every start, so a hand edit of ``local/`` does not survive.
@@ -14,12 +16,17 @@ Rewritten on every start, so a hand edit of ``local/`` does not survive.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from fl_client.kit import enrolment
 from fl_client.layout import SiteLayout, write_json
-from fl_client.settings import FLSettings
+from fl_client.settings import FLSettings, PrivacySettings
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +40,14 @@ CLASS_ALLOW_LIST = (
     "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
 )
 GATE_CLASS = "fl_client.site_components.SiteJobGate"
+LAUNCHER_CLASS = "fl_client.site_components.ApprovedContentLauncher"
 STATUS_CLASS = "fl_client.site_components.SiteStatusWriter"
 LEDGER_CLASS = "fl_client.site_components.OutgoingLedger"
+FLOOR_CLASS = "fl_client.privacy.PrivacyFloor"
+KEEPER_CLASS = "fl_client.privacy.GlobalModelKeeper"
 PRIVACY_SCOPE = "portico"
+#: the only files in the site's ``local/``
+LOCAL_FILES = frozenset({"authorization.json", "resources.json", "privacy.json", "log_config.json"})
 
 _ROLE_RIGHTS = {
     "project_admin": {"submit_job": "any", "clone_job": "any", "manage_job": "any", "download_job": "any",
@@ -71,28 +83,42 @@ def resources(layout: SiteLayout) -> dict[str, Any]:
             {"id": "resource_consumer",
              "path": "nvflare.app_common.resource_consumers.gpu_resource_consumer.GPUResourceConsumer",
              "args": {}},
-            {"id": "process_launcher",
-             "path": "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher",
-             "args": {}},
+            {"id": "process_launcher", "path": LAUNCHER_CLASS, "args": {"control_dir": control}},
             {"id": "portico_job_gate", "path": GATE_CLASS, "args": {"control_dir": control}},
             {"id": "portico_status", "path": STATUS_CLASS, "args": {"control_dir": control}},
         ],
     }
 
 
-def privacy(settings: FLSettings, layout: SiteLayout) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = []
-    if settings.privacy.exclude_vars:
-        filters.append({"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars",
-                        "args": {"exclude_vars": "|".join(f"(?:{v})" for v in settings.privacy.exclude_vars)}})
-    if settings.privacy.percentile is not None:
+def privacy(settings: FLSettings, layout: SiteLayout, project: str = "") -> dict[str, Any]:
+    """The one privacy scope of this site: the floor on every outgoing result, then the ledger."""
+    floor = settings.privacy
+    filters: list[dict[str, Any]] = [{"path": FLOOR_CLASS, "args": {
+        "control_dir": str(layout.control), "project": project or "unknown", "clip_norm": floor.clip_norm,
+        "noise_multiplier": floor.noise_multiplier, "epsilon": floor.epsilon, "delta": floor.delta,
+        "exclude_vars": list(floor.exclude_vars)}}]
+    if floor.percentile is not None:
+        # after the floor: sparsifying a noised update is post-processing (the guarantee holds)
         filters.append({"path": "nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
-                        "args": {"percentile": settings.privacy.percentile, "gamma": settings.privacy.gamma}})
+                        "args": {"percentile": floor.percentile, "gamma": floor.gamma}})
     # last of the site's filters: records exactly what the privacy filters let through
     filters.append({"path": LEDGER_CLASS, "args": {"control_dir": str(layout.control)}})
     return {"scopes": [{"name": PRIVACY_SCOPE, "properties": {}, "task_result_filters": filters,
-                        "task_data_filters": []}],
+                        "task_data_filters": [{"path": KEEPER_CLASS, "args": {}}]}],
             "default_scope": PRIVACY_SCOPE}
+
+
+def floor_config(settings: FLSettings) -> dict[str, Any]:
+    """The floor as the trainer and the approval screen see it."""
+    return floor_of_privacy(settings.privacy)
+
+
+def floor_of_privacy(p: PrivacySettings) -> dict[str, Any]:
+    return {"min_series": p.min_series, "min_patients": p.min_patients,
+            "min_examples_per_round": p.min_examples_per_round, "clip_norm": p.clip_norm,
+            "noise_multiplier": p.noise_multiplier, "noise_std": p.noise_multiplier * p.clip_norm,
+            "epsilon": p.epsilon, "delta": p.delta, "exclude_vars": list(p.exclude_vars),
+            "percentile": p.percentile, "normalisation_statistics": "kept at the site (never sent)"}
 
 
 def site_config(settings: FLSettings, layout: SiteLayout, models_dir: Path) -> dict[str, Any]:
@@ -102,16 +128,34 @@ def site_config(settings: FLSettings, layout: SiteLayout, models_dir: Path) -> d
         "cohorts": {name: str(layout.cohorts / f"{name}.json") for name in settings.cohorts},
         "device": settings.device,
         "threads": settings.train_threads,
+        "privacy": floor_config(settings),
     }
+
+
+def log_config() -> dict[str, Any]:
+    """NVFlare's own default logging configuration, from the installed NVFlare (never from a kit)."""
+    import nvflare.lighter.templates as templates
+
+    master = yaml.safe_load((Path(templates.__file__).parent / "master_template.yml").read_text(encoding="utf-8"))
+    config: dict[str, Any] = json.loads(master["log_config"])
+    return config
 
 
 def write_policy(settings: FLSettings, layout: SiteLayout, models_dir: Path) -> None:
     """(Re)write every site-managed policy file."""
     local = layout.site / "local"
     local.mkdir(parents=True, exist_ok=True)
+    for stray in sorted(local.iterdir()):
+        # nothing but Portico's files: a folder such as custom/ would be imported by every NVFlare process
+        if stray.name not in LOCAL_FILES:
+            log.warning("removing %s from the site's local/ (not a Portico policy file)", stray.name)
+            shutil.rmtree(stray) if stray.is_dir() and not stray.is_symlink() else stray.unlink()
     write_json(local / "authorization.json", authorization())
+    write_json(local / "log_config.json", log_config())
     write_json(local / "resources.json", resources(layout))
-    write_json(local / "privacy.json", privacy(settings, layout))
+    info = enrolment(layout)
+    scope = privacy(settings, layout, info.project if info else "")
+    write_json(local / "privacy.json", scope)
     write_json(layout.site_config, site_config(settings, layout, models_dir))
     log.info("site policy written: byoc none, shell none, %d allow-listed classes, %d result filters",
-             len(CLASS_ALLOW_LIST), len(privacy(settings, layout)["scopes"][0]["task_result_filters"]))
+             len(CLASS_ALLOW_LIST), len(scope["scopes"][0]["task_result_filters"]))

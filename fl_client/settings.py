@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LabelSource(StrEnum):
@@ -39,7 +39,12 @@ class CohortRule(BaseModel):
 
 
 class PrivacySettings(BaseModel):
-    """Filters the site applies to every outgoing result, whatever the job asks for."""
+    """The site's privacy floor: applied to every job and every outgoing result; no job can lower it.
+
+    Clipping and noise are applied to the round's weight update (the difference between the weights
+    trained here and the global weights received) by a site result filter before it leaves; the
+    Gaussian mechanism is accounted per project (RDP, Opacus) against ``epsilon``/``delta``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +54,28 @@ class PrivacySettings(BaseModel):
     percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
     #: clip of the shared differences (PercentilePrivacy ``gamma``)
     gamma: Annotated[float, Field(gt=0.0)] = 0.01
+    #: the site trains only on a cohort with at least this many training series ...
+    min_series: Annotated[int, Field(ge=1)] = 20
+    #: ... from at least this many patients
+    min_patients: Annotated[int, Field(ge=1)] = 10
+    #: a round trains on at least this many examples (job's steps x batch_size)
+    min_examples_per_round: Annotated[int, Field(ge=1)] = 64
+    #: L2 norm the round's weight update is clipped to
+    clip_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    #: Gaussian noise std = noise_multiplier x clip_norm, per coordinate; 0 turns DP off (epsilon must be None)
+    noise_multiplier: Annotated[float, Field(ge=0.0)] = 1.0
+    #: privacy budget per federated project (accounted across rounds and jobs); None only without noise
+    epsilon: Annotated[float, Field(gt=0.0)] | None = 10.0
+    delta: Annotated[float, Field(gt=0.0, lt=0.01)] = 1e-5
+
+    @model_validator(mode="after")
+    def _budget_needs_noise(self) -> PrivacySettings:
+        if self.noise_multiplier == 0 and self.epsilon is not None:
+            raise ValueError("fl.privacy: epsilon needs noise (noise_multiplier > 0); "
+                             "set epsilon: null to run without differential privacy")
+        if self.noise_multiplier > 0 and self.epsilon is None:
+            raise ValueError("fl.privacy: noise_multiplier > 0 needs a budget (epsilon)")
+        return self
 
 
 class FLSettings(BaseModel):
@@ -78,5 +105,7 @@ class FLSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: torch threads per training process
     train_threads: Annotated[int, Field(ge=1)] = 1
+    #: address-space cap of every NVFlare process (RLIMIT_AS), MiB; None: no cap
+    memory_limit_mib: Annotated[int, Field(ge=512)] | None = 8192
     #: export the global model to a candidate package when a job ends
     auto_export: bool = True

@@ -2,6 +2,8 @@
 
 - :class:`SiteJobGate` (client parent): a job runs here only after a site administrator approved it;
   remote shell commands and remote shutdown/restart are refused.
+- :class:`ApprovedContentLauncher` (client parent): starts a job process only for a deployed app whose
+  content hash is the one the site approved.
 - :class:`SiteStatusWriter` (client parent): connection state and running jobs, for the appliance.
 - :class:`OutgoingLedger` (job process, last result filter): checks that a result holds only
   numeric weights and metrics, refuses anything else, and records what left the site.
@@ -24,12 +26,16 @@ from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import ContentBlockedException, Filter
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, JobConstants
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.job_launcher.client_process_launcher import ClientProcessJobLauncher
 
 from fl_client.approvals import Approvals
+from fl_client.job_review import review_deployed
+from fl_client.kit import enrolment
 from fl_client.layout import SiteLayout, read_json, write_json
+from fl_client.privacy import PrivacyBudget
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,10 @@ class SiteJobGate(FLComponent):  # type: ignore[misc]
             return f"{site}: '{command}' without a job is not allowed"
         name = str(meta.get("name", ""))
         submitter = str(meta.get("submitter_name", user))
+        info = enrolment(self.layout)
+        spent = PrivacyBudget(self.layout).exhausted(info.project) if info else None
+        if spent is not None:
+            return f"{site}: {spent}; this site contributes no more to the project"
         with self._lock:
             approvals = Approvals(self.layout)
             decision = approvals.decision(job_id)
@@ -98,6 +108,50 @@ def _meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
     keep = ("name", "submitter_name", "submitter_org", "submitter_role", "min_clients", "deploy_map",
             "resource_spec", "submit_time_iso", "scope")
     return {k: meta[k] for k in keep if k in meta}
+
+
+class ApprovedContentLauncher(ClientProcessJobLauncher):  # type: ignore[misc]
+    """NVFlare's process launcher, but only for a deployed app whose content the site approved.
+
+    The approval gate sees a job's meta only (NVFlare authorizes ``check_resources`` and the deploy
+    before the app's bytes are unpacked); here, after the deploy and before any process starts, the
+    app as received is hashed and compared with the hash the approval bound. A job whose content
+    differs does not start, and waits here as a new approval with what it would really run.
+    """
+
+    def __init__(self, control_dir: str) -> None:
+        super().__init__()
+        self.layout = SiteLayout.from_control(Path(control_dir))
+
+    def launch_job(self, job_meta: dict[str, Any], fl_ctx: FLContext) -> Any:
+        job_id = str(job_meta.get(JobConstants.JOB_ID, ""))
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        app_dir = Path(workspace.get_app_dir(job_id))
+        reason = self.check(job_id, app_dir, job_meta)
+        if reason is not None:
+            log.error("%s", reason)
+            raise RuntimeError(reason)
+        return super().launch_job(job_meta, fl_ctx)
+
+    def check(self, job_id: str, app_dir: Path, job_meta: dict[str, Any]) -> str | None:
+        """None when the deployed app is the approved content, else the reason (and a pending record)."""
+        approvals = Approvals(self.layout)
+        decision = approvals.decision(job_id)
+        deployed: dict[str, Any] = review_deployed(app_dir) if app_dir.is_dir() \
+            else {"client_app_sha256": "", "trainer": {}}
+        if decision is None or decision.decision != "approved":
+            reason = f"site policy: job {job_id} was not approved here"
+        elif not decision.client_app_sha256:
+            reason = f"site policy: the approval of job {job_id} binds no content hash; approve its content"
+        elif deployed["client_app_sha256"] != decision.client_app_sha256:
+            reason = (f"site policy: job {job_id}'s content (sha256 {deployed['client_app_sha256'][:16]}…) differs "
+                      f"from the approved content ({decision.client_app_sha256[:16]}…): a new approval is needed")
+        else:
+            return None
+        approvals.note_pending(job_id, name=str(job_meta.get("name", "")),
+                               submitter=str(job_meta.get("submitter_name", "")), command="start_job",
+                               reason=reason, meta={**_meta_summary(job_meta), "deployed": deployed})
+        return reason
 
 
 class SiteStatusWriter(FLComponent):  # type: ignore[misc]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -28,8 +29,10 @@ from fl_client.approvals import Approvals
 from fl_client.errors import NotEnrolledError
 from fl_client.kit import enrolment
 from fl_client.layout import CONTROL_ENV, SiteLayout, read_json, write_json
+from fl_client.policy import floor_of_privacy as floor_config_of
 from fl_client.policy import write_policy
-from fl_client.settings import FLSettings
+from fl_client.privacy import PrivacyBudget, budget_view
+from fl_client.settings import FLSettings, PrivacySettings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class FLEventKind(StrEnum):
     JOB_FINISHED = "job_finished"
     EXPORTED = "exported"
     EXPORT_FAILED = "export_failed"
+    #: the site's privacy floor refused to train a job (cohort too small, too few examples per round)
+    JOB_REFUSED = "job_refused"
+    #: the project's privacy budget is spent: this site sends no more updates for it
+    PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
 
 
 @dataclass(frozen=True)
@@ -59,17 +66,38 @@ class FLEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+#: what an NVFlare process may inherit from the appliance's environment (nothing else: no PORTICO_* secret)
+ENV_KEEP = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+                      "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "SSL_CERT_FILE",
+                      "SSL_CERT_DIR"})
+
+
 def nvflare_env(layout: SiteLayout, threads: int = 1) -> dict[str, str]:
-    """Environment of every NVFlare process: HOME/TMPDIR inside the FL folder, few threads."""
+    """Environment of every NVFlare process, built from an allow-list (the appliance's secrets stay out):
+    HOME/TMPDIR inside the FL folder, few threads."""
     layout.ensure()
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if (k in ENV_KEEP or k.startswith("LC_")) and not k.startswith("PORTICO_")}
+    env.setdefault("PATH", "/usr/bin:/bin")
     env.update({
         "HOME": str(layout.home), "TMPDIR": str(layout.tmp), CONTROL_ENV: str(layout.control),
         "MALLOC_ARENA_MAX": "2", "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+        "NUMEXPR_NUM_THREADS": str(threads),
         "XDG_CACHE_HOME": str(layout.home / ".cache"), "TORCHINDUCTOR_CACHE_DIR": str(layout.tmp / "inductor"),
     })
     return env
+
+
+def cap_resources(pid: int, memory_limit_mib: int | None, niceness: int = 10) -> None:
+    """Address-space cap (inherited by every job process it starts) and a lower CPU priority than
+    inference, set on the freshly started client."""
+    if memory_limit_mib is not None:
+        limit = memory_limit_mib * 1024 * 1024
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.setpriority(os.PRIO_PROCESS, pid, niceness)
 
 
 # ---- the process tree, from /proc ----------------------------------------------------------------
@@ -183,6 +211,8 @@ class FLSupervisor:
         self._seen_pending: set[str] = set()
         self._seen_running: set[str] = set()
         self._finished: set[str] = set()
+        self._seen_spent: set[str] = set()
+        self._seen_refused: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -201,6 +231,9 @@ class FLSupervisor:
         self._reap_previous()
         write_policy(self.settings, self.layout, self.models_dir)
         self._finished = {p.parent.name for p in self.layout.jobs.glob("*/final.json")}
+        self._seen_refused = {p.parent.name for p in self.layout.jobs.glob("*/refused.json")}
+        self._seen_spent = {name for name, entry in PrivacyBudget(self.layout).read().items()
+                            if isinstance(entry, dict) and entry.get("exhausted")}
         self._seen_rounds = {p.parent.name: self._last_round(p.parent.name) for p in self.layout.jobs.glob("*/")}
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, args=(info.site, info.org), name="fl-supervisor",
@@ -229,6 +262,7 @@ class FLSupervisor:
                                                                                 self.settings.train_threads),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
+        cap_resources(proc.pid, self.settings.memory_limit_mib)
         st = _stat(proc.pid)
         self._known = {proc.pid: st[1]} if st else {}
         write_json(self.layout.supervisor_file, {"pid": proc.pid, "start": st[1] if st else None,
@@ -340,8 +374,18 @@ class FLSupervisor:
             if job not in self._seen_running:
                 self._seen_running.add(job)
                 self._emit(FLEvent(FLEventKind.JOB_STARTED, job))
+        info = enrolment(self.layout)
+        project = info.project if info else ""
+        spent = PrivacyBudget(self.layout).exhausted(project) if project else None
+        if spent and project not in self._seen_spent:
+            self._seen_spent.add(project)
+            self._emit(FLEvent(FLEventKind.PRIVACY_BUDGET_SPENT, None, {"project": project, "reason": spent}))
         for job_dir in self.layout.jobs.glob("*/"):
             job = job_dir.name
+            refused = read_json(job_dir / "refused.json")
+            if isinstance(refused, dict) and job not in self._seen_refused:
+                self._seen_refused.add(job)
+                self._emit(FLEvent(FLEventKind.JOB_REFUSED, job, {"reason": str(refused.get("reason", ""))}))
             for entry in self.rounds(job):
                 if int(entry.get("round", -1)) > self._seen_rounds.get(job, -1):
                     self._seen_rounds[job] = int(entry["round"])
@@ -369,13 +413,15 @@ class FLSupervisor:
     def status(self) -> dict[str, Any]:
         """Process, connection, jobs and rounds, approvals: for ``portico fl status`` and the API."""
         return site_status(self.layout, proc=self._proc, restarts=self.restarts, last_exit=self.last_exit,
-                           backoff_until=self.backoff_until, running=self.running_jobs())
+                           backoff_until=self.backoff_until, running=self.running_jobs(),
+                           privacy=self.settings.privacy)
 
 
 def site_status(layout: SiteLayout, *, proc: subprocess.Popen[bytes] | None = None, restarts: int = 0,
                 last_exit: int | None = None, backoff_until: float | None = None,
-                running: dict[str, int] | None = None) -> dict[str, Any]:
+                running: dict[str, int] | None = None, privacy: PrivacySettings | None = None) -> dict[str, Any]:
     """The status from files alone (the CLI runs in another process than ``portico serve``)."""
+    floor = privacy or PrivacySettings()
     info = enrolment(layout)
     sup = read_json(layout.supervisor_file, {}) or {}
     pid = proc.pid if proc is not None and proc.poll() is None else sup.get("pid")
@@ -390,6 +436,7 @@ def site_status(layout: SiteLayout, *, proc: subprocess.Popen[bytes] | None = No
         rounds_file = job_dir / "rounds.jsonl"
         last = rounds_file.read_text(encoding="utf-8").strip().splitlines()[-1:] if rounds_file.is_file() else []
         jobs[job_dir.name] = {"last_round": json.loads(last[0]) if last else None,
+                              "refused": read_json(job_dir / "refused.json"),
                               "final": read_json(job_dir / "final.json"),
                               "exported": read_json(job_dir / "exported.json")}
     state = "not_enrolled" if info is None else ("stopped" if not alive else str(nv.get("state", "starting")))
@@ -405,7 +452,9 @@ def site_status(layout: SiteLayout, *, proc: subprocess.Popen[bytes] | None = No
         "last_heartbeat": nv.get("last_heartbeat"),
         "running_jobs": sorted((running or {}).keys()),
         "jobs": jobs,
+        "privacy": {"floor": floor_config_of(floor),
+                    "budget": budget_view(layout, info.project if info else None, floor.epsilon, floor.delta)},
         "pending_approval": [{"job_id": p.job_id, "name": p.name, "submitter": p.submitter,
-                              "reason": p.reason, "attempts": p.attempts}
+                              "reason": p.reason, "attempts": p.attempts, "deployed": p.meta.get("deployed")}
                              for p in Approvals(layout).pending()],
     }

@@ -2,7 +2,8 @@
 
 Runs inside NVFlare's job process (started by :class:`fl_client.executor.PorticoTrainer` through
 ``train_task.py``). Per ``train`` task: load the global weights, measure their Dice on the local
-validation slices, train a few steps, send the weights with the Dice and the step count. On the
+validation slices, train a few steps, send the weights with the Dice and the step count (the site's
+privacy filter turns them into a clipped, noised update without normalisation statistics). On the
 final ``validate`` task: measure and keep the final global model here (``jobs/<job>/``), so that the
 appliance can export it as a candidate package. Only weights and metrics are sent.
 """
@@ -27,9 +28,10 @@ from monai.transforms.compose import Compose
 from monai.transforms.spatial.dictionary import RandFlipd, RandRotate90d
 
 from fl_client.architectures import build_network, find_package
-from fl_client.dataset import Slices, load_slices, read_index
+from fl_client.dataset import CohortIndex, Slices, load_slices, read_index
 from fl_client.errors import PolicyError
 from fl_client.layout import CONTROL_ENV, SiteLayout, read_json, write_json
+from fl_client.privacy import NORM_STATS
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +157,18 @@ def run(argv: Sequence[str]) -> None:
     job_id = str(flare.get_job_id())
     site = str(flare.get_site_name())
     job_dir = layout.job_dir(job_id)
+    refusal = floor_refusal(config.get("privacy", {}) or {}, index, args)
+    if refusal is not None:
+        write_json(job_dir / "refused.json", {"reason": refusal, "at": time.time()})
+        log.error("not training: %s", refusal)
+        raise PolicyError(refusal)
     rng = np.random.default_rng([args.seed, _site_seed(site)])
     torch.manual_seed(args.seed)
     while flare.is_running():
         received = flare.receive()
         if received is None:
             break
-        state = {k: torch.as_tensor(v) for k, v in (received.params or {}).items()}
-        net.load_state_dict(state)
+        merge_global(net, received.params or {})
         started = time.monotonic()
         dice = dice_score(net, val, device)
         if flare.is_evaluate():
@@ -182,6 +188,36 @@ def run(argv: Sequence[str]) -> None:
             "steps": args.steps, "train_slices": len(train), "val_slices": len(val),
             "seconds": round(time.monotonic() - started, 2), "at": time.time()})
         log.info("round %s: global Dice %.3f, local loss %.3f", received.current_round, dice, loss)
+
+
+def floor_refusal(floor: dict[str, Any], index: CohortIndex, args: TrainArgs) -> str | None:
+    """Why the site's privacy floor forbids training this job on this cohort, or None."""
+    train = index.split("train")
+    patients = {s.patient for s in train if s.patient}
+    min_series, min_patients = int(floor.get("min_series", 1)), int(floor.get("min_patients", 1))
+    min_examples = int(floor.get("min_examples_per_round", 1))
+    if len(train) < min_series:
+        return (f"site privacy floor: cohort {index.name!r} has {len(train)} training series, "
+                f"fewer than the site's minimum of {min_series}")
+    if len(patients) < min_patients:
+        return (f"site privacy floor: cohort {index.name!r} has {len(patients)} patients, "
+                f"fewer than the site's minimum of {min_patients}")
+    if args.steps * args.batch_size < min_examples:
+        return (f"site privacy floor: the job trains on {args.steps} x {args.batch_size} = "
+                f"{args.steps * args.batch_size} examples per round, fewer than the site's minimum of {min_examples}")
+    return None
+
+
+def merge_global(net: torch.nn.Module, params: dict[str, Any]) -> None:
+    """Load the global weights but keep this site's normalisation statistics (never sent, never taken)."""
+    local = net.state_dict()
+    state = {}
+    for key, value in local.items():
+        if NORM_STATS.search(key) or key not in params:
+            state[key] = value
+        else:
+            state[key] = torch.as_tensor(params[key]).to(value.dtype)
+    net.load_state_dict(state)
 
 
 def _site_seed(site: str) -> int:

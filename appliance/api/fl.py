@@ -13,6 +13,7 @@ from appliance.api.errors import ApiError
 from appliance.fl import decide_job, layout_of
 from appliance.identity import Principal
 from fl_client.approvals import DecisionKind
+from fl_client.errors import PolicyError
 from fl_client.supervisor import site_status
 
 #: NVFlare job ids are UUIDs; the id also names a file, so nothing that could leave its folder
@@ -24,6 +25,9 @@ class DecisionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Annotated[str, Field(max_length=1000)] = ""
+    #: the client app's content hash the approval binds (``portico fl inspect``, or the pending job's
+    #: ``deployed`` content in ``/fl/status``); required to approve
+    content_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class DecisionOut(BaseModel):
@@ -34,6 +38,8 @@ class DecisionOut(BaseModel):
     actor: str
     reason: str
     at: float
+    client_app_sha256: str = ""
+    review: dict[str, Any] = Field(default_factory=dict)
 
 
 def build_router(ctx: ApiContext) -> APIRouter:
@@ -45,15 +51,19 @@ def build_router(ctx: ApiContext) -> APIRouter:
         supervisor = ctx.service.fl if ctx.service is not None else None
         if supervisor is not None:
             return supervisor.status()
-        return site_status(layout_of(ctx.settings))
+        return site_status(layout_of(ctx.settings), privacy=ctx.settings.fl.privacy)
 
     def decide(job_id: str, decision: DecisionKind, body: DecisionIn | None, actor: str) -> DecisionOut:
         try:
-            made = decide_job(ctx.settings, ctx.store, job_id, decision, actor, body.reason if body else "")
+            made = decide_job(ctx.settings, ctx.store, job_id, decision, actor, body.reason if body else "",
+                              content_sha256=body.content_sha256 if body else None)
         except KeyError:
             raise ApiError(404, "not_found", f"FL job {job_id} has not asked to run at this site") from None
+        except PolicyError as exc:
+            raise ApiError(409, exc.code, str(exc)) from None
         return DecisionOut(job_id=made.job_id, decision=made.decision, name=made.name, submitter=made.submitter,
-                           actor=made.actor, reason=made.reason, at=made.at)
+                           actor=made.actor, reason=made.reason, at=made.at,
+                           client_app_sha256=made.client_app_sha256, review=made.review)
 
     @router.post("/jobs/{job_id}/approve")
     def approve(job_id: JobId, who: Who, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:

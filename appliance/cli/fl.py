@@ -1,10 +1,13 @@
 """``portico fl``: enrol in a federated project, approve jobs, see status, export a global model.
 
-    portico fl enrol KIT                       a startup kit (zip or folder) from the project admin
+    portico fl enrol KIT --fingerprint SHA256:…   a startup kit (zip or folder) from the project admin;
+                                               the root CA fingerprint comes out of band
     portico fl request --project P --site S --org O    distributed provisioning: key + CSR stay here
     portico fl enrol SIGNED.zip --fingerprint SHA256:…  … then the approved, signed zip
     portico fl status [--json]
-    portico fl approve JOB | reject JOB --reason TEXT
+    portico fl inspect JOB_FOLDER              trainer arguments, model, rounds, privacy floor, content hash
+    portico fl approve JOB --job FOLDER        (or --content-sha256 H) the approval binds the content
+    portico fl reject JOB --reason TEXT
     portico fl cohort refresh [NAME]           select the local training cohort from the store
     portico fl export JOB                      global model → candidate package (then models promote)
     portico fl run                             run only the supervised NVFlare client (no SCP)
@@ -24,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.cli.common import parser, settings_from
@@ -32,7 +36,8 @@ from appliance.settings import Settings
 from appliance.store import Store
 from fl_client.approvals import DecisionKind
 from fl_client.errors import FLClientError
-from fl_client.kit import install_kit, make_request, package_signed
+from fl_client.job_review import review_job
+from fl_client.kit import FINGERPRINT_WAIVER_FLAG, enrolment, install_kit, is_signed_zip, make_request, package_signed
 from fl_client.layout import SiteLayout
 from fl_client.policy import write_policy
 from fl_client.supervisor import site_status
@@ -54,6 +59,16 @@ def _print_status(status: dict[str, object], as_json: bool) -> None:
         return
     for key in ("site", "project", "server", "enrolment_mode", "state", "process", "running_jobs"):
         sys.stdout.write(f"{key}: {status.get(key)}\n")
+    privacy = status.get("privacy") or {}
+    budget = privacy.get("budget") or {} if isinstance(privacy, dict) else {}
+    if budget:
+        sys.stdout.write(f"privacy budget of project {budget.get('project')}: epsilon spent "
+                         f"{budget.get('epsilon_spent')} of {budget.get('epsilon_budget')} "
+                         f"(delta {budget.get('delta')}), "
+                         f"{budget.get('rounds_accounted')} round(s) accounted\n")
+        if budget.get("exhausted"):
+            sys.stdout.write(f"BUDGET SPENT: {budget['exhausted'].get('reason')}\n")
+    sys.stdout.write(f"privacy floor: {privacy.get('floor') if isinstance(privacy, dict) else None}\n")
     jobs = status.get("jobs") or {}
     for job_id, job in jobs.items() if isinstance(jobs, dict) else []:
         sys.stdout.write(f"job {job_id}: last round {job.get('last_round')}, final {job.get('final')}, "
@@ -63,20 +78,43 @@ def _print_status(status: dict[str, object], as_json: bool) -> None:
                          f"{pending['reason']}\n")
 
 
+def _print_review(review: dict[str, Any]) -> None:
+    """The approval screen: what the job will do with this site's data, and under which floor."""
+    out = sys.stdout.write
+    out(f"job {review.get('name')!r}: client app {review.get('client_app')}\n")
+    trainer = review.get("trainer") or {}
+    out(f"  model {trainer.get('model')!r} on cohort {trainer.get('cohort')!r}; rounds {review.get('rounds')}\n")
+    out("  trainer: " + ", ".join(f"{k}={v}" for k, v in sorted(trainer.items())) + "\n")
+    out("  server: " + ", ".join(f"{k}={v}" for k, v in sorted((review.get("server") or {}).items())) + "\n")
+    out("  privacy floor that applies: " + ", ".join(f"{k}={v}" for k, v in sorted(
+        (review.get("privacy") or {}).items())) + "\n")
+    out(f"  content sha256 (client app): {review.get('client_app_sha256')}\n")
+    out(f"  content sha256 (whole job):  {review.get('job_sha256')}\n")
+    for problem in review.get("problems") or []:
+        out(f"  REFUSED: {problem}\n")
+
+
 def main(argv: Sequence[str]) -> int:
     p = parser("fl", "Federated learning: enrolment, approvals, status, export.")
     sub = p.add_subparsers(dest="action", required=True)
     enrol = sub.add_parser("enrol", help="install a startup kit (zip or folder) or a signed zip")
     enrol.add_argument("kit", type=Path)
-    enrol.add_argument("--fingerprint", help="root CA fingerprint (signed zip from distributed provisioning)")
+    enrol.add_argument("--fingerprint", help="the project's root CA fingerprint (SHA256:…), received out of band")
+    enrol.add_argument(FINGERPRINT_WAIVER_FLAG, action="store_true", dest="fingerprint_waived",
+                       help="enrol a kit without a fingerprint: you checked the server by other means (audited)")
     req = sub.add_parser("request", help="distributed provisioning: make a key and certificate request")
     req.add_argument("--project", required=True)
     req.add_argument("--site", required=True)
     req.add_argument("--org", required=True)
     st = sub.add_parser("status")
     st.add_argument("--json", action="store_true", dest="as_json")
-    ap = sub.add_parser("approve")
+    ins = sub.add_parser("inspect", help="what a job folder will do here, and the content hash to approve")
+    ins.add_argument("folder", type=Path)
+    ins.add_argument("--json", action="store_true", dest="as_json")
+    ap = sub.add_parser("approve", help="approve a waiting job's content (shown before it is bound)")
     ap.add_argument("job_id")
+    ap.add_argument("--job", type=Path, dest="job_folder", help="the job folder the researchers submitted")
+    ap.add_argument("--content-sha256", dest="content_sha256", help="the client app's content hash (fl inspect)")
     rj = sub.add_parser("reject")
     rj.add_argument("job_id")
     rj.add_argument("--reason", required=True)
@@ -104,12 +142,21 @@ def _dispatch(args: object, settings: Settings, layout: SiteLayout, store: Store
     action = a["action"]
     actor = _actor()
     if action == "enrol":
-        if a["fingerprint"]:
+        if is_signed_zip(a["kit"]):
+            if not a["fingerprint"]:
+                sys.stderr.write("portico fl enrol: a signed zip needs --fingerprint SHA256:… (from the project "
+                                 "admin, out of band)\n")
+                return 1
             info = package_signed(a["kit"], layout, expected_fingerprint=a["fingerprint"], python=settings.fl.python)
         else:
-            info = install_kit(a["kit"], layout, python=settings.fl.python)
+            info = install_kit(a["kit"], layout, python=settings.fl.python, expected_fingerprint=a["fingerprint"],
+                               fingerprint_waived=a["fingerprint_waived"])
         write_policy(settings.fl, layout, settings.models_dir)
-        store.record(AuditRecord(AuditEvent.FL_ENROLLED, actor=actor, detail=info.to_json()))
+        if not a["fingerprint"]:
+            store.record(AuditRecord(AuditEvent.FL_FINGERPRINT_WAIVED, actor=actor, detail={
+                "site": info.site, "project": info.project, "root_ca_fingerprint": info.root_ca_fingerprint}))
+        store.record(AuditRecord(AuditEvent.FL_ENROLLED, actor=actor, detail={
+            **info.to_json(), "fingerprint_checked": bool(a["fingerprint"])}))
         sys.stdout.write(f"enrolled as site {info.site} of project {info.project} (server {info.server_target}, "
                          f"root CA {info.root_ca_fingerprint})\n")
     elif action == "request":
@@ -117,15 +164,30 @@ def _dispatch(args: object, settings: Settings, layout: SiteLayout, store: Store
         sys.stdout.write(f"send this request to the project admin: {path}\n"
                          f"(the private key stays in {path.parent})\n")
     elif action == "status":
-        _print_status(site_status(layout), a["as_json"])
+        _print_status(site_status(layout, privacy=settings.fl.privacy), a["as_json"])
+    elif action == "inspect":
+        site = enrolment(layout)
+        review = review_job(a["folder"], settings.fl, site.site if site else None, layout=layout,
+                            project=site.project if site else None)
+        if a["as_json"]:
+            sys.stdout.write(json.dumps(review.to_json(), indent=2, default=str) + "\n")
+        else:
+            _print_review(review.to_json())
+        return 1 if review.problems else 0
     elif action in ("approve", "reject"):
         decision: DecisionKind = "approved" if action == "approve" else "rejected"
+        if decision == "approved" and a.get("job_folder"):
+            enrolled = enrolment(layout)
+            _print_review(review_job(a["job_folder"], settings.fl, enrolled.site if enrolled else None,
+                                     layout=layout, project=enrolled.project if enrolled else None).to_json())
         try:
-            made = decide_job(settings, store, a["job_id"], decision, actor, a.get("reason") or "")
+            made = decide_job(settings, store, a["job_id"], decision, actor, a.get("reason") or "",
+                              job_folder=a.get("job_folder"), content_sha256=a.get("content_sha256"))
         except KeyError:
             sys.stderr.write(f"job {a['job_id']} has not asked to run at this site\n")
             return 1
-        sys.stdout.write(f"{decision} job {made.job_id} ({made.name!r} from {made.submitter})\n")
+        bound = f", content sha256 {made.client_app_sha256}" if made.client_app_sha256 else ""
+        sys.stdout.write(f"{decision} job {made.job_id} ({made.name!r} from {made.submitter}{bound})\n")
     elif action == "cohort":
         for name, count in refresh_cohorts(settings, store, a["names"]).items():
             sys.stdout.write(f"cohort {name}: {count} series\n")

@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
 
 from appliance.models import ModelRegistry
 from appliance.settings import load_settings
 from appliance.store import Store
+from fl_client.job_review import content_hash
+from fl_client.kit import fingerprint
 from fl_client.supervisor import descendants
 from inference.phantom import make_phantom
 from inference.predict import segment
@@ -45,7 +48,12 @@ from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-SITE_SETTINGS = {"enabled": True, "restart_backoff_s": 1.0, "stop_timeout_s": 5.0}
+#: the floor is on (clip, noise, budget, local normalisation) at test scale: tiny cohorts, and noise small
+#: enough that two rounds still learn (std = 1e-5 x 100 = 1e-3 per coordinate; the budget is nominal)
+CLIP_NORM, NOISE_MULTIPLIER = 100.0, 1e-5
+SITE_SETTINGS = {"enabled": True, "restart_backoff_s": 1.0, "stop_timeout_s": 5.0,
+                 "privacy": {"min_series": 2, "min_patients": 2, "min_examples_per_round": 16,
+                             "clip_norm": CLIP_NORM, "noise_multiplier": NOISE_MULTIPLIER, "epsilon": 1e15}}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
                 else:
                     phantom_studies(store, site.root / "work", package, [24])
             store.close()
-            site.portico("fl", "enrol", str(site.kit))
+            root_ca = x509.load_pem_x509_certificate((site.kit / "startup" / "rootCA.pem").read_bytes())
+            site.portico("fl", "enrol", str(site.kit), "--fingerprint", fingerprint(root_ca))
             site.portico("fl", "cohort", "refresh")
             federation.start_site(site)
         for site in federation.sites.values():
@@ -108,10 +117,12 @@ def _pending(site: Site, job_id: str) -> dict[str, Any] | None:
     return next((p for p in site.status()["pending_approval"] if p["job_id"] == job_id), None)
 
 
-def _approve_all(fed: Federation, job_id: str) -> None:
+def _approve_all(fed: Federation, job_id: str, job: Path) -> None:
+    """Each site reviews the submitted folder; the approval binds its client app's content hash."""
     for site in fed.sites.values():
         wait_for(lambda s=site: _pending(s, job_id), 60, 0.5, f"{job_id} waiting at {site.name}")
-        site.portico("fl", "approve", job_id)
+        out = site.portico("fl", "approve", job_id, "--job", str(job)).stdout
+        assert "content sha256" in out and "privacy floor that applies" in out, out
 
 
 def _audit(site: Site) -> list[dict[str, Any]]:
@@ -145,7 +156,16 @@ def test_unapproved_job_does_not_run(fed: Federation, tmp_path: Path) -> None:
 def test_job_with_custom_code_is_refused(fed: Federation, tmp_path: Path) -> None:
     job = job_folder(tmp_path, name="byoc", custom_client_code=True)
     job_id = fed.session.submit_job(str(job))
-    _approve_all(fed, job_id)
+    site = fed.sites["site-a"]
+    wait_for(lambda: _pending(site, job_id), 60, 0.5, f"{job_id} waiting at site-a")
+    # the review refuses client code at once
+    refused = site.portico("fl", "approve", job_id, "--job", str(job), check=False)
+    assert refused.returncode == 1 and "custom" in refused.stdout + refused.stderr
+    # an administrator who approves the bare hash anyway: NVFlare's byoc: none still refuses the deploy
+    sha = content_hash(job / "app_client")
+    for s in fed.sites.values():
+        wait_for(lambda s=s: _pending(s, job_id), 60, 0.5, f"{job_id} waiting at {s.name}")
+        s.portico("fl", "approve", job_id, "--content-sha256", sha)
     status = wait_for(lambda: _finished(fed, job_id) or ("FAILED" in _status(fed, job_id) and _status(fed, job_id)),
                       120, 1.0, "the BYOC job to end")
     assert "COMPLETED" not in status
@@ -156,8 +176,9 @@ def test_job_with_custom_code_is_refused(fed: Federation, tmp_path: Path) -> Non
 
 def test_two_rounds_improve_dice_and_candidate_runs(fed: Federation, tmp_path: Path) -> None:
     started = time.monotonic()
-    job_id = fed.session.submit_job(str(job_folder(tmp_path, rounds=2, min_responses=2, steps=40)))
-    _approve_all(fed, job_id)
+    job = job_folder(tmp_path, rounds=2, min_responses=2, steps=40)
+    job_id = fed.session.submit_job(str(job))
+    _approve_all(fed, job_id, job)
     status = wait_for(lambda: _finished(fed, job_id), 300, 1.0, "two FedAvg rounds")
     assert status == "FINISHED:COMPLETED", status
     fed.job_id = job_id
@@ -213,12 +234,51 @@ def test_only_weights_and_metrics_leave_a_site(fed: Federation) -> None:
         ledger = [json.loads(line) for line in
                   (site.data_dir / "fl" / "portico" / "jobs" / job_id / "ledger.jsonl").read_text().splitlines()]
         assert ledger and not any(e["blocked"] for e in ledger)
-        assert {e["kind"] for e in ledger} <= {"DataKind.WEIGHTS", "DataKind.METRICS"}
+        # updates leave as weight differences (after the privacy floor), metrics as metrics
+        assert {e["kind"] for e in ledger} == {"DataKind.WEIGHT_DIFF", "DataKind.METRICS"}
         assert all(set(e["meta"]) <= {"NUM_STEPS_CURRENT_ROUND", "initial_metrics.dice", "dice"} for e in ledger)
+        floor = [json.loads(line) for line in
+                 (site.data_dir / "fl" / "portico" / "jobs" / job_id / "privacy.jsonl").read_text().splitlines()]
+        assert len(floor) == 2 and not any(e["blocked"] for e in floor)
+        assert all(e["noise_std"] == pytest.approx(CLIP_NORM * NOISE_MULTIPLIER) for e in floor)
+        assert all(e["clip_norm"] == CLIP_NORM and any("running_mean" in d for d in e["dropped"]) for e in floor)
+        budget = site.status()["privacy"]["budget"]
+        assert budget["rounds_accounted"] >= 2 and budget["epsilon_spent"] > 0 and not budget["exhausted"]
     for path in received:
         data = path.read_bytes()
         for needle in forbidden:
             assert needle not in data, f"{needle[:40]!r} left a site in {path.name}"
+    # every training update as the server received it, against the floor
+    _check_received_against_floor(received)
+
+
+def _check_received_against_floor(received: list[Path]) -> None:
+    from nvflare.apis.dxo import DataKind, from_shareable
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.app_opt.pt.decomposers import TensorDecomposer
+    from nvflare.fuel.utils import fobs
+
+    from fl_client.architectures import build_network
+    from fl_client.privacy import is_sendable
+
+    common_decomposers.register()
+    fobs.register(TensorDecomposer)
+    allowed = {k for k in build_network("ct-body-composition").state_dict() if is_sendable(k)}
+    updates = 0
+    for path in received:
+        dxo = from_shareable(fobs.loads(path.read_bytes()))
+        if dxo.data_kind == DataKind.METRICS:
+            continue
+        assert dxo.data_kind == DataKind.WEIGHT_DIFF, (path.name, dxo.data_kind)
+        names = set(dxo.data)
+        assert names <= allowed and not [n for n in names if "running_" in n or "num_batches" in n], names
+        arrays = [np.asarray(v, np.float64) for v in dxo.data.values()]
+        size = sum(a.size for a in arrays)
+        norm = float(np.sqrt(sum(float(np.sum(a * a)) for a in arrays)))
+        # clipped to CLIP_NORM, plus Gaussian noise of norm about std x sqrt(size)
+        assert norm <= CLIP_NORM + 5 * CLIP_NORM * NOISE_MULTIPLIER * np.sqrt(size), (path.name, norm)
+        updates += 1
+    assert updates >= 4, updates  # 2 sites x 2 rounds
 
 
 def test_serve_reports_the_federation_through_its_api(fed: Federation) -> None:
@@ -244,9 +304,10 @@ def test_supervisor_restarts_a_killed_client(fed: Federation) -> None:
 
 
 def test_serve_stops_cleanly_mid_job_with_its_job_processes(fed: Federation, tmp_path: Path) -> None:
-    job_id = fed.session.submit_job(str(job_folder(tmp_path, rounds=1, min_responses=1, steps=2000, timeout=120,
-                                                   wait_after_min=1, name="interrupted")))
-    _approve_all(fed, job_id)
+    job = job_folder(tmp_path, rounds=1, min_responses=1, steps=2000, timeout=120, wait_after_min=1,
+                     name="interrupted")
+    job_id = fed.session.submit_job(str(job))
+    _approve_all(fed, job_id, job)
     site = fed.sites["site-b"]
     assert site.proc is not None
     proc = site.proc
@@ -274,7 +335,7 @@ def test_a_dead_site_does_not_stall_the_round(fed: Federation, tmp_path: Path) -
     job = job_folder(tmp_path, rounds=2, min_responses=1, steps=10, timeout=90, wait_after_min=3,
                      name="tolerant")
     job_id = fed.session.submit_job(str(job))
-    _approve_all(fed, job_id)
+    _approve_all(fed, job_id, job)
     site_b = fed.sites["site-b"]
     rounds_b = site_b.data_dir / "fl" / "portico" / "jobs" / job_id / "rounds.jsonl"
     wait_for(rounds_b.is_file, 180, 0.2, "site-b's first round")

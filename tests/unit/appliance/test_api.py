@@ -217,9 +217,15 @@ def test_fl_approve_and_reject(client: TestClient, settings: Settings, store: St
     layout.ensure()
     Approvals(layout).note_pending("job-1", name="liver-fedavg", submitter="admin@hub", command="check",
                                    reason="not approved yet", meta={})
-    approved = client.post("/fl/jobs/job-1/approve", json={"reason": "IRB 42"}, headers=AUTH)
+    # an approval binds the job's content: without a content hash there is nothing to approve
+    refused = assert_error(client.post("/fl/jobs/job-1/approve", json={"reason": "IRB 42"}, headers=AUTH), 409,
+                           "fl_policy")
+    assert "content" in refused["message"]
+    sha = "ab" * 32
+    approved = client.post("/fl/jobs/job-1/approve", json={"reason": "IRB 42", "content_sha256": sha}, headers=AUTH)
     assert approved.status_code == 200, approved.text
     assert approved.json()["decision"] == "approved" and approved.json()["actor"] == "api"
+    assert approved.json()["client_app_sha256"] == sha
     assert client.post("/fl/jobs/job-1/reject", headers=AUTH).json()["decision"] == "rejected"
     events = [(e["event"], e["actor"], e["detail"]["reason"]) for e in store.audit_events()]
     assert events == [(AuditEvent.FL_JOB_APPROVED, "api", "IRB 42"), (AuditEvent.FL_JOB_REJECTED, "api", "")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,10 +83,50 @@ def test_zip_kit_installs_read_only(kits: Path, tmp_path: Path) -> None:
         for path in (kits / "site-1").rglob("*"):
             zf.write(path, Path("site-1") / path.relative_to(kits / "site-1"))
     layout = SiteLayout(tmp_path / "data" / "fl")
-    info = install_kit(archive, layout)
+    info = install_kit(archive, layout, expected_fingerprint=validate_kit(kits / "site-1").root_ca_fingerprint)
     assert info.site == "site-1"
     assert (layout.site / "startup" / "client.key").stat().st_mode & 0o777 == 0o400
     assert json.loads(layout.enrolment_file.read_text())["site"] == "site-1"
+
+
+def test_a_kit_needs_its_fingerprint_or_an_explicit_waiver(kits: Path, tmp_path: Path) -> None:
+    layout = SiteLayout(tmp_path / "fl")
+    with pytest.raises(KitError, match="fingerprint"):
+        install_kit(kits / "site-1", layout)
+    with pytest.raises(KitError, match="not the project's server"):
+        install_kit(kits / "site-1", layout, expected_fingerprint="SHA256:" + ":".join(["AB"] * 32))
+    assert install_kit(kits / "site-1", layout, fingerprint_waived=True).site == "site-1"
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ("local/custom/decomposers/x.py", "custom code folder"),
+    ("local/site_hook.py", "code"),
+    ("local/study_runtime.yaml", "not a file NVFlare's provisioning writes"),
+    ("startup/sitecustomize.py", "code"),
+])
+def test_a_kit_carrying_code_or_unknown_local_files_is_refused(kits: Path, tmp_path: Path, extra: str,
+                                                               why: str) -> None:
+    kit = tmp_path / "kit"
+    shutil.copytree(kits / "site-1", kit)
+    (kit / extra).parent.mkdir(parents=True, exist_ok=True)
+    (kit / extra).write_text("open('/tmp/pwned', 'w')\n")
+    fp = validate_kit(kits / "site-1").root_ca_fingerprint
+    with pytest.raises(KitError, match=re.escape(why)):
+        install_kit(kit, SiteLayout(tmp_path / "fl"), expected_fingerprint=fp)
+    assert not (tmp_path / "fl" / "site").exists()
+
+
+def test_installed_local_holds_only_portico_policy(kits: Path, tmp_path: Path) -> None:
+    layout = SiteLayout(tmp_path / "fl")
+    install_kit(kits / "site-1", layout, expected_fingerprint=validate_kit(kits / "site-1").root_ca_fingerprint)
+    assert not list((layout.site / "local").iterdir())
+    write_policy(FLSettings(), layout, tmp_path / "models")
+    # a file dropped into local/ later does not survive the next start
+    (layout.site / "local" / "custom").mkdir()
+    (layout.site / "local" / "custom" / "x.py").write_text("x = 1\n")
+    write_policy(FLSettings(), layout, tmp_path / "models")
+    assert sorted(p.name for p in (layout.site / "local").iterdir()) == \
+        ["authorization.json", "log_config.json", "privacy.json", "resources.json"]
 
 
 def test_zip_slip_is_refused(tmp_path: Path) -> None:
@@ -137,7 +178,7 @@ def test_policy_denies_by_default(tmp_path: Path) -> None:
     assert "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor" not in CLASS_ALLOW_LIST
     assert resources["allow_log_streaming"] is False
     filters = json.loads((layout.site / "local" / "privacy.json").read_text())["scopes"][0]["task_result_filters"]
-    assert [f["path"].rsplit(".", 1)[-1] for f in filters] == ["ExcludeVars", "PercentilePrivacy", "OutgoingLedger"]
+    assert [f["path"].rsplit(".", 1)[-1] for f in filters] == ["PrivacyFloor", "PercentilePrivacy", "OutgoingLedger"]
 
 
 def test_gate_waits_for_approval_bound_to_name_and_submitter(tmp_path: Path) -> None:
@@ -213,3 +254,23 @@ def test_process_tree_helpers(tmp_path: Path) -> None:
             parent.kill()
     assert job_id_of(["python", "-m", "nvflare.private.fed.app.client.worker_process", "-n", "abc"]) == "abc"
     assert job_id_of(["python", "x.py", "-n", "abc"]) is None
+
+
+def test_cli_enrol_needs_a_fingerprint_and_audits_the_waiver(kits: Path, tmp_path: Path) -> None:
+    from appliance.audit import AuditEvent
+    from appliance.cli.fl import main
+    from appliance.store import Store
+
+    config = tmp_path / "portico.yaml"
+    config.write_text(yaml.safe_dump({"mode": "dev", "storage": {"data_dir": str(tmp_path / "data"), "fsync": False},
+                                      "inference": {"models_dir": str(tmp_path / "models")}}))
+    assert main(["-c", str(config), "enrol", str(kits / "site-1")]) == 1
+    assert main(["-c", str(config), "enrol", str(kits / "site-1"),
+                 "--i-checked-the-server-fingerprint-otherwise"]) == 0
+    store = Store(tmp_path / "data", fsync=False)
+    try:
+        events = {e["event"]: e["detail"] for e in store.audit_events()}
+    finally:
+        store.close()
+    assert events[AuditEvent.FL_FINGERPRINT_WAIVED]["site"] == "site-1"
+    assert events[AuditEvent.FL_ENROLLED]["fingerprint_checked"] is False
