@@ -24,6 +24,7 @@ from appliance.demo_study import write_ct_series
 from appliance.pacs_standin import OrthancStandIn
 from appliance.settings import load_settings
 from appliance.store import JobState, Store
+from appliance.viewer import OHIF_DIST, OhifServer
 from inference.phantom import make_phantom
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Demo:
     show_progress: bool = False
     #: the model packages Portico serves (the shipped demo model by default)
     models_dir: Path = REPO / "models"
+    #: the OHIF viewer against Orthanc's DICOMweb, when its build is here (``make ohif``)
+    ohif: OhifServer | None = None
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,9 @@ class Demo:
         self.orthanc = OrthancStandIn(self.workdir / "orthanc", http_port, dicom_port,
                                       modalities={"portico": ("PORTICO", "127.0.0.1", portico_port)})
         self.orthanc.start()
+        if (OHIF_DIST / "index.html").is_file():
+            self.ohif = OhifServer(self.orthanc.url)
+            self.progress(f"serving the OHIF viewer on {self.ohif.url}")
         config = portico_config(self.workdir / "portico", port=portico_port, orthanc_dicom_port=dicom_port,
                                 models_dir=self.models_dir, rules_file=REPO / "config" / "rules.yaml")
         self.portico = PorticoProcess(config, portico_port, self.workdir / "portico" / "serve.log")
@@ -181,11 +187,17 @@ class Demo:
             "seconds": {"orthanc_send": round(t_sent - t_send, 2),
                         "last_instance_to_results_in_pacs": round(t_back - t_sent, 2)},
             "explorer": f"{self.orthanc.url}/app/explorer.html#study?uuid={orthanc_study}",
+            **({"ohif": self.ohif.viewer_url(study.study_instance_uid, self._series_uid(found["SEG"]))}
+               if self.ohif is not None and "SEG" in found else {}),
             "log": str(self.portico.log_path),
             **({"failure": failure} if failure is not None and len(found) < 2 else {}),
             **self._portico_facts(study.study_instance_uid),
         }
         return self.report
+
+    def _series_uid(self, orthanc_series: str) -> str:
+        assert self.orthanc is not None
+        return str(self.orthanc.request("GET", f"/series/{orthanc_series}")["MainDicomTags"]["SeriesInstanceUID"])
 
     def progress(self, line: str) -> None:
         """A progress line on a terminal; nothing without one (the report says it all)."""
@@ -251,6 +263,9 @@ class Demo:
             store.close()
 
     def stop(self) -> None:
+        if self.ohif is not None:
+            self.ohif.close()
+            self.ohif = None
         if self.portico is not None:
             self.portico.stop()
         if self.orthanc is not None:
@@ -274,5 +289,8 @@ def format_report(report: dict[str, Any]) -> str:
         for m in job["measurements"]:
             lines.append(f"  {m.get('name', '?'):<24} volume {m.get('volume_ml', 0):9.1f} ml   "
                          f"mean {m.get('mean') if m.get('mean') is None else round(m['mean'], 1)} HU")
-    lines += [f"see it           {report['explorer']}", f"log              {report['log']}", ""]
+    lines.append(f"see it           {report['explorer']}")
+    lines.append(f"see it in OHIF   {report['ohif']}" if report.get("ohif") else
+                 "see it in OHIF   (run `make ohif` once: it fetches the pinned viewer build)")
+    lines += [f"log              {report['log']}", ""]
     return "\n".join(lines) + "\n"

@@ -52,6 +52,8 @@ class ReviewState(StrEnum):
     HELD = "HELD"
     APPROVED = "APPROVED"
     REJECTED = "REJECTED"
+    #: taken back after it was sent: the destinations got an IOCM rejection note (appliance.withdraw)
+    WITHDRAWN = "WITHDRAWN"
     #: not held and nobody reviewed it (never stored: the absence of a review row)
     UNREVIEWED = "UNREVIEWED"
 
@@ -59,6 +61,7 @@ class ReviewState(StrEnum):
 class Decision(StrEnum):
     APPROVE = "approve"
     REJECT = "reject"
+    WITHDRAW = "withdraw"
 
 
 class ReviewError(Exception):

@@ -10,7 +10,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -175,6 +175,26 @@ class ReviewSettings(BaseModel):
     required: bool = False
     #: hold only these models' results (model names, as in the rules); used when ``required`` is false
     models: tuple[str, ...] = ()
+    #: the dashboard's "Open in viewer" link: ``{study_uid}`` and ``{series_uid}`` (the source series) are
+    #: filled in; OHIF v3 style by default; empty: no link
+    viewer_url: str = "http://localhost:3000/viewer?StudyInstanceUIDs={study_uid}"
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://", "/")):
+            raise ValueError("viewer_url must be an http(s) URL or a path")
+        try:
+            value.format(study_uid="", series_uid="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("viewer_url may use only {study_uid} and {series_uid}") from exc
+        return value
+
+    def viewer_link(self, study_uid: str, series_uid: str) -> str | None:
+        """The viewer URL for a study, or ``None`` when none is configured."""
+        if not self.viewer_url:
+            return None
+        return self.viewer_url.format(study_uid=quote(study_uid, safe=""), series_uid=quote(series_uid, safe=""))
 
     def holds(self, model: str) -> bool:
         """Whether a job of ``model`` is held for review."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.auth import principal_of
@@ -16,6 +17,8 @@ from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
 from appliance.identity import Principal
 from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState
+from appliance.review_images import KeyImage, ReviewImagesUnavailable, key_images
+from appliance.withdraw import Withdrawal, withdraw
 
 _STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
 StateQuery = Annotated[str, Query(pattern=f"^({'|'.join(_STATES)})$")]
@@ -54,12 +57,41 @@ class ReviewDetail(ReviewOut):
     results: list[ResultOut]
     measurements: list[dict[str, Any]]
     outbox: dict[str, int]
+    #: the configured viewer's link to the study (``review.viewer_url``); ``None`` when none is set
+    viewer_url: str | None = None
 
     @classmethod
-    def of(cls, r: Review) -> ReviewDetail:
+    def of(cls, r: Review, viewer_url: str | None = None) -> ReviewDetail:
         return cls(**ReviewOut.of(r).model_dump(), measurements=r.measurements(), outbox=r.outbox,
                    results=[ResultOut(sop_instance_uid=f.sop_instance_uid, kind=f.kind, sop_class_uid=f.sop_class_uid)
-                            for f in r.results])
+                            for f in r.results], viewer_url=viewer_url)
+
+
+class KeyImageOut(BaseModel):
+    number: int
+    #: 0-based index of the slice in the source series
+    slice_index: int
+    url: str
+
+
+class WithdrawalIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class WithdrawalOut(BaseModel):
+    job_id: int
+    state: str
+    #: destination → SOP Instance UID of the rejection note queued to it
+    notes: dict[str, str]
+    rejected: dict[str, list[str]]
+    cancelled: int
+
+    @classmethod
+    def of(cls, w: Withdrawal) -> WithdrawalOut:
+        return cls(job_id=w.job_id, state=str(ReviewState.WITHDRAWN), notes=w.notes, rejected=w.rejected,
+                   cancelled=w.cancelled)
 
 
 class DecisionIn(BaseModel):
@@ -107,9 +139,33 @@ def build_router(ctx: ApiContext) -> APIRouter:
     @router.get("/{job_id}")
     def show(job_id: int) -> ReviewDetail:
         try:
-            return ReviewDetail.of(book.get(job_id))
+            review = book.get(job_id)
         except ReviewError as exc:
             raise _error(exc) from None
+        return ReviewDetail.of(review, ctx.settings.review.viewer_link(review.job.study_uid, review.job.series_uid))
+
+    def _images(job_id: int) -> list[KeyImage]:
+        job = ctx.store.job(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        try:
+            return key_images(ctx.store, ctx.registry, job)
+        except ReviewImagesUnavailable as exc:
+            raise ApiError(404, "no_images", str(exc)) from None
+
+    @router.get("/{job_id}/images")
+    def images(job_id: int) -> list[KeyImageOut]:
+        """The job's segmentation over its source images: key slices rendered from its own SEG."""
+        return [KeyImageOut(number=k.number, slice_index=k.slice_index, url=f"/review/{job_id}/images/{k.number}")
+                for k in _images(job_id)]
+
+    @router.get("/{job_id}/images/{number}", response_class=FileResponse)
+    def image(job_id: int, number: int) -> FileResponse:
+        """One key image as PNG (segment colours, legend, AI banner)."""
+        found = [k for k in _images(job_id) if k.number == number]
+        if not found:
+            raise ApiError(404, "not_found", f"job {job_id} has no key image {number}")
+        return FileResponse(found[0].path, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @router.post("/{job_id}/approve")
     def approve(job_id: int, who: Who, body: Annotated[DecisionIn | None, Body()] = None) -> DecisionOut:
@@ -125,6 +181,14 @@ def build_router(ctx: ApiContext) -> APIRouter:
         try:
             return DecisionOut.of(book.reject(job_id, who.name, body.reason, via=VIA,
                                               retrospective=body.retrospective))
+        except (ReviewError, ValueError) as exc:
+            raise _error(exc) from None
+
+    @router.post("/{job_id}/withdraw")
+    def withdraw_sent(job_id: int, body: WithdrawalIn, who: Who) -> WithdrawalOut:
+        """Take back results already sent: an IOCM rejection note to every destination that got them."""
+        try:
+            return WithdrawalOut.of(withdraw(ctx.store, ctx.settings, job_id, who.name, body.reason, via=VIA))
         except (ReviewError, ValueError) as exc:
             raise _error(exc) from None
 

@@ -4,6 +4,10 @@
     portico review show JOB [--json]
     portico review approve JOB [--reason TEXT] [--retrospective]
     portico review reject JOB --reason TEXT [--retrospective]
+    portico review withdraw JOB --reason TEXT
+
+``withdraw`` takes back results already sent: every destination that received them gets an IHE IOCM
+Key Object Selection "Rejected for Quality Reasons" referencing what it got (:mod:`appliance.withdraw`).
 
 The CLI runs on the appliance as an operating-system user: a decision is recorded (and audited) as
 ``cli:<login name>``, never as a name typed on the command line. People review as themselves through
@@ -27,6 +31,7 @@ from appliance.cli.common import also_after, parser, settings_from
 from appliance.handoff import short
 from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState, describe
 from appliance.store import Store
+from appliance.withdraw import Withdrawal, withdraw
 
 _STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
 
@@ -92,8 +97,16 @@ def _decided(o: Outcome) -> str:
     return f"{verb} job {o.job_id}: {what}"
 
 
+def _withdrawn(w: Withdrawal) -> str:
+    lines = [f"withdrew job {w.job_id}: rejection note queued to {len(w.notes)} destination(s)"
+             + (f", {w.cancelled} item(s) not yet sent cancelled" if w.cancelled else "")]
+    lines += [f"  {d}: note {short(uid)} rejects {len(w.rejected[d])} instance(s)"
+              for d, uid in sorted(w.notes.items())]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str]) -> int:
-    p = parser("review", "Results held for review: list, show, approve, reject.")
+    p = parser("review", "Results held for review: list, show, approve, reject; withdraw what was sent.")
     sub = p.add_subparsers(dest="action", required=True)
     ls = also_after(sub.add_parser("list", help="jobs by review state (default: held, waiting for a reviewer)"))
     ls.add_argument("--state", choices=list(_STATES), default="held")
@@ -107,6 +120,9 @@ def main(argv: Sequence[str]) -> int:
         d.add_argument("--reason", required=needs_reason, default="")
         d.add_argument("--retrospective", action="store_true",
                        help="decide on results that were not held (already released)")
+    wd = also_after(sub.add_parser("withdraw", help="take back results already sent (IOCM rejection note)"))
+    wd.add_argument("job_id", type=int)
+    wd.add_argument("--reason", required=True)
     args = p.parse_args(argv)
     settings = settings_from(args)
     store = Store(settings.data_dir, fsync=settings.storage.fsync)
@@ -121,6 +137,9 @@ def main(argv: Sequence[str]) -> int:
         elif args.action == "show":
             review = reviews.get(args.job_id)
             sys.stdout.write((json.dumps(_as_json(review, True), indent=2) if args.as_json else _show(review))
+                             + "\n")
+        elif args.action == "withdraw":
+            sys.stdout.write(_withdrawn(withdraw(store, settings, args.job_id, _actor(), args.reason, via="cli"))
                              + "\n")
         else:
             decide = reviews.approve if args.action == "approve" else reviews.reject

@@ -170,12 +170,22 @@
       cell(row, m.voxel_count === undefined ? "–" : m.voxel_count);
     }
 
+    const viewer = item.querySelector("a.viewer");
+    if (detail.viewer_url) {
+      viewer.href = detail.viewer_url;
+      viewer.hidden = false;
+      viewer.setAttribute("aria-label", "Open job " + detail.job_id + " in the viewer");
+    }
+    const shown = showOverlay(item, detail.job_id);
+
     if (!may("review.decide")) {
       // the API refuses a decision anyway; no button is offered for one
       item.querySelector("form").remove();
       item.querySelector(".read-only").hidden = false;
       return item;
     }
+    // a reviewer approves what they have seen: Approve waits for the overlay images
+    shown.then(() => { item.querySelector(".approve").disabled = false; });
     const reason = item.querySelector("textarea");
     reason.id = "reason-" + detail.job_id;
     item.querySelector("label").htmlFor = reason.id;
@@ -185,6 +195,35 @@
     item.querySelector(".approve").setAttribute("aria-label", "Approve job " + detail.job_id);
     item.querySelector(".reject").setAttribute("aria-label", "Reject job " + detail.job_id);
     return item;
+  }
+
+  // the job's key slices with the segmentation drawn over them (PNG from the API); resolves when shown
+  async function showOverlay(item, jobId) {
+    const box = item.querySelector(".key-images");
+    const status = item.querySelector(".overlay-status");
+    let images = [];
+    try {
+      images = await api("/review/" + encodeURIComponent(jobId) + "/images");
+    } catch (err) {
+      status.textContent = "No overlay images for this result (" + err.message + "). Use the viewer link to see it.";
+      return;
+    }
+    const loads = images.map((k) => new Promise((resolve) => {
+      const img = document.createElement("img");
+      img.className = "key-image";
+      img.alt = "Key image " + k.number + " of job " + jobId + ": segmentation over source slice " +
+        (k.slice_index + 1);
+      img.addEventListener("load", () => resolve(img.naturalWidth > 0));
+      img.addEventListener("error", () => resolve(false));
+      img.src = k.url;
+      box.append(img);
+    }));
+    const ok = await Promise.all(loads);
+    const shownCount = ok.filter(Boolean).length;
+    status.textContent = shownCount === images.length && shownCount > 0
+      ? shownCount + " key slice(s): the segments in their colours, legend below each image."
+      : "Some overlay images could not be loaded.";
+    item.dataset.overlay = shownCount > 0 ? "shown" : "missing";
   }
 
   async function loadQueue() {
@@ -227,7 +266,7 @@
 
   async function loadReviewed() {
     const all = await api("/review?state=all");
-    const decided = all.filter((r) => r.state === "APPROVED" || r.state === "REJECTED")
+    const decided = all.filter((r) => ["APPROVED", "REJECTED", "WITHDRAWN"].indexOf(r.state) >= 0)
       .sort((a, b) => (b.decided_at || 0) - (a.decided_at || 0));
     const body = $("reviewed-table").tBodies[0];
     body.textContent = "";
@@ -240,9 +279,52 @@
       cell(row, r.reviewer || "");
       cell(row, r.reason || "");
       cell(row, when(r.decided_at));
+      const take = row.insertCell();
+      if (r.state === "APPROVED" && may("review.decide")) {
+        take.append(withdrawForm(r.job_id));
+      }
     }
     $("reviewed-table").hidden = decided.length === 0;
     $("reviewed-empty").hidden = decided.length > 0;
+  }
+
+  // "Withdraw": the destinations get an IOCM rejection note for what they received (needs a reason)
+  function withdrawForm(jobId) {
+    const form = document.createElement("form");
+    form.className = "withdraw";
+    const input = document.createElement("input");
+    input.type = "text";
+    input.maxLength = 1000;
+    input.placeholder = "reason";
+    input.setAttribute("aria-label", "Reason to withdraw job " + jobId);
+    const button = document.createElement("button");
+    button.type = "submit";
+    button.textContent = "Withdraw";
+    button.setAttribute("aria-label", "Withdraw job " + jobId);
+    form.append(input, button);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearNotices();
+      const reason = input.value.trim();
+      if (!reason) {
+        showError({ code: "invalid_request", message: "a reason is required to withdraw job " + jobId + "." });
+        input.focus();
+        return;
+      }
+      button.disabled = true;
+      try {
+        const out = await api("/review/" + encodeURIComponent(jobId) + "/withdraw", {
+          method: "POST", body: { reason: reason },
+        });
+        announce("Job " + jobId + " withdrawn: rejection note queued to " + Object.keys(out.notes).length +
+          " destination(s).");
+        await loadReviewed();
+      } catch (err) {
+        button.disabled = false;
+        showError(err);
+      }
+    });
+    return form;
   }
 
   const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed };

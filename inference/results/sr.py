@@ -199,7 +199,9 @@ label map the SEG encodes, each non-empty segment also gets a planar group (TID 
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(device, uid_root)),
         procedure_reported=PROCEDURES.get(volume.modality, codes.SCT.ImagingProcedure),
-        imaging_measurements=groups,
+        # planar groups first: OHIF shows a merged measurement's first few values, so the area on the
+        # outlined slice leads, then the volume and the HU statistics
+        imaging_measurements=[*groups[len(segments):], *groups[:len(segments)]],
         title=codes.cid7021.ImagingMeasurementReport,
     )
     uids = derived_uids(uid_root, run_key, manifest.name, manifest.version, "SR")

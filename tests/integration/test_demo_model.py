@@ -63,12 +63,17 @@ def test_package_verifies(package: ModelPackage) -> None:
     assert package.ref == "ct-body-composition@1.0.0"
     assert m.clinical_use is False
     assert (m.algorithm_family.value, m.algorithm_family.scheme) == ("123110", "DCM")
-    assert [(s.label, s.type.value) for s in m.output.segments] == [
-        (1, "55603005"), (2, "127954009"), (3, "3138006")]
+    # an HU rule tells adipose, other soft tissue and bone apart, and the labels say no more than that
+    assert [(s.label, s.name, s.type.value) for s in m.output.segments] == [
+        (1, "Adipose tissue", "55603005"), (2, "Non-adipose soft tissue", "87784001"), (3, "Bone", "3138006")]
     assert all(s.category.value == "85756007" for s in m.output.segments)
     assert package.model_path.stat().st_size < 8_000_000
     card = (package.root / m.model_card).read_text()
     assert "Not for clinical use" in card and "synthetic" in card
+    for s in m.output.segments:  # the card's segment table is the manifest's coding
+        assert f"| {s.label} | {s.name} | {s.category.meaning} (SCT {s.category.value}) | {s.type.meaning} " \
+               f"({s.type.scheme} {s.type.value}) |" in card
+    assert "Skeletal muscle" not in m.description + "".join(s.name for s in m.output.segments)
 
 
 def test_tampered_package_is_refused(package: ModelPackage, tmp_path: Path) -> None:

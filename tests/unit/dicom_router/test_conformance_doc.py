@@ -9,6 +9,7 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
@@ -106,7 +107,8 @@ def test_tls_ciphers_are_bcp195_ciphers_in_order() -> None:
 
 def test_results_sent_are_the_sop_classes_and_transfer_syntaxes_the_code_makes() -> None:
     table = {uids(row[1])[0]: uids(row[3]) for row in rows("scu-sop-classes")}
-    assert set(table) == {SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage}
+    assert set(table) == {SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+                          KeyObjectSelectionDocumentStorage}
     source = {name: (REPO / "inference" / "results" / f"{name}.py").read_text() for name in ("seg", "sr", "summary")}
     assert "hd.seg.Segmentation(" in source["seg"] and "hd.sr.Comprehensive3DSR(" in source["sr"]
     assert "hd.sc.SCImage" in source["summary"]
@@ -114,6 +116,9 @@ def test_results_sent_are_the_sop_classes_and_transfer_syntaxes_the_code_makes()
         assert "transfer_syntax_uid=ExplicitVRLittleEndian" in source[name]
     assert table[SegmentationStorage] == [ExplicitVRLittleEndian, *map(str, transcode.TRANSFER_SYNTAX.values())]
     assert table[Comprehensive3DSRStorage] == table[SecondaryCaptureImageStorage] == [ExplicitVRLittleEndian]
+    kos = (REPO / "inference" / "results" / "kos.py").read_text()  # rejection notes (portico review withdraw)
+    assert "hd.ko.KeyObjectSelectionDocument(" in kos and "transfer_syntax_uid" not in kos  # highdicom's default
+    assert table[KeyObjectSelectionDocumentStorage] == [ExplicitVRLittleEndian]
     assert SegmentationStorage in transcode.COMPRESSIBLE_SOP_CLASSES
 
 
