@@ -3,7 +3,7 @@ FROM python:3.11-slim-bookworm
 ARG EXTRAS=""
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends dcmtk && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/portico
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY appliance appliance
 COPY dicom_router dicom_router
 COPY inference inference

@@ -23,7 +23,7 @@ venv: $(VENV)/.installed
 venv-full: $(VENV)/.installed-full
 
 $(VENV)/.installed: pyproject.toml
-	@echo "== venv: $(VENV) (pip prints what it collects; from scratch about 1 min, then instant)"
+	@echo "== venv: $(VENV) (pip lists each package it collects)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -e .

@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# Install the Debian packages Portico needs when they are missing (sudo when not root).
+# Install the Debian packages Portico needs when they are missing (sudo when not root), then make sure
+# Debian's own Orthanc service stays off: Portico starts its own Orthanc, and a stray one holds port 8042.
+#
+#   scripts/install-system.sh            install what is missing
+#   scripts/install-system.sh --list     print every package Portico needs (make bundle downloads them)
+#
+# APT_OPTS adds options to apt-get (make install-offline points it at the bundle's folder).
+# For tests: PORTICO_POLICY_RC_D replaces /usr/sbin/policy-rc.d, PORTICO_NEED the list of missing packages.
 set -euo pipefail
+ALL=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium python3-venv rsyslog rsyslog-gnutls)
+if [ "${1:-}" = "--list" ]; then
+  echo "${ALL[*]}"
+  exit 0
+fi
+
 need=()
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
@@ -11,16 +24,61 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 # a real syslog collector for the ATNA audit tests (imtcp/imudp, and gtls for RFC 5425 TLS)
 [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 compgen -G '/usr/lib/*/rsyslog/lmnsd_gtls.so' >/dev/null || need+=(rsyslog-gnutls)
-[ ${#need[@]} -eq 0 ] && exit 0
-echo "installing Debian packages: ${need[*]}"
+if [ -n "${PORTICO_NEED+set}" ]; then read -r -a need <<<"$PORTICO_NEED"; fi
+
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+policy=${PORTICO_POLICY_RC_D:-/usr/sbin/policy-rc.d}
+marker="# portico: install-system.sh (removed when apt is done)"
+
+# Debian's orthanc service: disabled (and stopped) and masked, so neither a reboot nor an upgrade starts it.
+# Without systemd (containers) there is nothing to stop; masking still writes the link, and sysv is disabled.
+quiet_orthanc_service() {
+  dpkg-query -W -f='${Status}' orthanc 2>/dev/null | grep -q 'ok installed' || return 0
+  if command -v systemctl >/dev/null; then
+    [ "$(systemctl is-enabled orthanc.service 2>/dev/null || true)" = masked ] && return 0
+    echo "disabling and masking Debian's orthanc service (Portico starts its own Orthanc; a stray one holds port 8042)"
+    if [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now --quiet orthanc.service 2>/dev/null || true
+    else
+      $SUDO systemctl disable --quiet orthanc.service 2>/dev/null || true
+    fi
+    $SUDO systemctl mask --quiet orthanc.service || echo "warning: could not mask orthanc.service" >&2
+  elif [ -x /etc/init.d/orthanc ] && command -v update-rc.d >/dev/null; then
+    $SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true
+  fi
+}
+
+if [ ${#need[@]} -eq 0 ]; then
+  quiet_orthanc_service
+  exit 0
+fi
+echo "== installing Debian packages: ${need[*]} (apt prints each one as it goes)"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-# the packages' own services must not start: Portico starts Orthanc itself, on its own ports
-echo exit 101 | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-$SUDO rm -f /usr/sbin/policy-rc.d
+
+# The packages' own services must not start while they install. policy-rc.d says so, but only ours: an
+# existing one (the site's, a container image's) is left exactly as it is, and ours is removed whatever
+# happens, apt failing included.
+ours=""
+remove_ours() {
+  if [ -n "$ours" ] && [ "$(sed -n 2p "$policy" 2>/dev/null)" = "$marker" ]; then $SUDO rm -f "$policy"; fi
+}
+trap remove_ours EXIT
+if [ -e "$policy" ] || [ -L "$policy" ]; then
+  echo "keeping the existing $policy (services may start during the install; the orthanc service is stopped after)"
+else
+  printf '#!/bin/sh\n%s\nexit 101\n' "$marker" | $SUDO tee "$policy" >/dev/null
+  ours=1
+  $SUDO chmod 755 "$policy"
+fi
+
+# shellcheck disable=SC2086  # APT_OPTS is a list of options
+$SUDO apt-get update -q ${APT_OPTS:-}
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q --no-install-recommends ${APT_OPTS:-} "${need[@]}"
+remove_ours
+ours=""
+quiet_orthanc_service
 # policy-rc.d stops a start now, not the enabling at boot: rsyslog, when we installed it, runs only in tests
 if [[ " ${need[*]} " == *" rsyslog "* ]] && command -v systemctl >/dev/null; then
   $SUDO systemctl disable --quiet rsyslog.service 2>/dev/null || true
