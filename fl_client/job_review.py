@@ -18,7 +18,7 @@ from typing import Any
 from fl_client.errors import PolicyError
 from fl_client.layout import SiteLayout
 from fl_client.policy import TRAINER_CLASS, floor_of_privacy
-from fl_client.privacy import projected_epsilon
+from fl_client.privacy_budget import projected_epsilon
 from fl_client.settings import FLSettings
 
 #: files NVFlare adds to a job or app when it signs or deploys it; not part of what was reviewed

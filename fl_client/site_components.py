@@ -35,7 +35,7 @@ from fl_client.approvals import Approvals
 from fl_client.job_review import review_deployed
 from fl_client.kit import enrolment
 from fl_client.layout import SiteLayout, read_json, write_json
-from fl_client.privacy import PrivacyBudget
+from fl_client.privacy_budget import PrivacyBudget
 
 log = logging.getLogger(__name__)
 

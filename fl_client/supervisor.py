@@ -31,7 +31,7 @@ from fl_client.kit import enrolment
 from fl_client.layout import CONTROL_ENV, SiteLayout, read_json, write_json
 from fl_client.policy import floor_of_privacy as floor_config_of
 from fl_client.policy import write_policy
-from fl_client.privacy import PrivacyBudget, budget_view
+from fl_client.privacy_budget import PrivacyBudget, budget_view
 from fl_client.settings import FLSettings, PrivacySettings
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from fl_client.architectures import build_network, find_package
 from fl_client.dataset import CohortIndex, Slices, load_slices, read_index
 from fl_client.errors import PolicyError
 from fl_client.layout import CONTROL_ENV, SiteLayout, read_json, write_json
-from fl_client.privacy import NORM_STATS
+from fl_client.privacy_budget import NORM_STATS
 
 log = logging.getLogger(__name__)
 
