@@ -254,8 +254,16 @@ def _values(element: DataElement | RawDataElement, vr: str, encodings: list[str]
     return out
 
 
+#: Type 2 attributes of the Patient and General Study modules that the writers copy from the source: a source
+#: without them (non-conformant) still gives derived objects that have them, empty
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def conform(source: Dataset, keywords: Iterable[str] = PATIENT_STUDY_KEYWORDS) -> Conformed:
     """A copy of ``source`` whose ``keywords`` attributes conform; ``source`` itself is left as it is.
+
+    Missing :data:`TYPE_2_COPIED` attributes are added empty (not counted as changed).
 
     The copy shares every other element with ``source`` (nothing is decoded or validated that was not
     already), so it is cheap; its file meta is the source's.
@@ -288,6 +296,11 @@ def conform(source: Dataset, keywords: Iterable[str] = PATIENT_STUDY_KEYWORDS) -
             continue
         copy[BaseTag(tag)] = _element(BaseTag(tag), vr, fixed)
         changed.append(keyword)
+    for keyword in TYPE_2_COPIED:
+        # Type 2 in the Patient and General Study modules: present, if empty, in every derived object
+        tag = tag_for_keyword(keyword)
+        if tag is not None and tag not in copy:
+            copy[BaseTag(tag)] = DataElement(BaseTag(tag), dictionary_VR(keyword), "")
     return Conformed(copy, tuple(changed))
 
 

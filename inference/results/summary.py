@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from inference.measurements import SegmentMeasurement, as_label_map
 from inference.packages import Manifest
-from inference.results.patient import conform
+from inference.results.patient import conform, normalise_code_string
 from inference.results.seg import device_attributes, lo, pin_times
 from inference.results.uids import derived_uids
 from inference.settings import DeviceIdentity
@@ -217,11 +217,16 @@ def _source_reference(volume: Volume, z: int) -> Dataset:
 
 
 def _copy_body_part(source: Dataset, sc: Dataset) -> None:
-    """Body part and laterality as in the source; Laterality (type 2C) empty, i.e. unknown, when
-    the source names neither, as a validator cannot tell whether the part is paired."""
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if source.get(keyword):
-            setattr(sc, keyword, source.get(keyword))
+    """Body part and laterality as in the source, made conformant: the body part an upper-case code
+    string (or left out), laterality only when it is ``R`` or ``L`` after the same cleaning. Laterality
+    (type 2C) is empty, i.e. unknown, when the source names neither, as a validator cannot tell
+    whether the part is paired."""
+    body = normalise_code_string(str(source.get("BodyPartExamined") or ""))
+    laterality = normalise_code_string(str(source.get("Laterality") or ""))
+    if body:
+        sc.BodyPartExamined = body
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
     if "BodyPartExamined" not in sc and "Laterality" not in sc:
         sc.Laterality = ""
 
