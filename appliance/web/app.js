@@ -327,6 +327,43 @@
     return form;
   }
 
+  // `portico rules explain` in the Status view: each rule against each series of a stored study
+  async function explainRouting(event) {
+    event.preventDefault();
+    clearNotices();
+    const study = $("routing-study").value.trim();
+    const table = $("routing-table");
+    const body = table.tBodies[0];
+    body.textContent = "";
+    table.hidden = true;
+    try {
+      const explanation = await api("/studies/" + encodeURIComponent(study) + "/routing");
+      for (const rule of explanation.rules) {
+        for (const series of rule.series) {
+          const row = body.insertRow();
+          cell(row, rule.rule, true);
+          cell(row, rule.model + (rule.model_version ? "@" + rule.model_version : ""));
+          cell(row, shortUid(series.series_uid));
+          cell(row, series.chosen ? "runs the model" : series.matched ? "matched, another series chosen"
+            : "no match: " + series.reasons.join("; "));
+        }
+        if (!rule.series.length) {
+          const row = body.insertRow();
+          cell(row, rule.rule, true);
+          cell(row, rule.model);
+          cell(row, "");
+          cell(row, "no match: " + rule.study_reasons.join("; "));
+        }
+      }
+      if (!explanation.rules.length) {
+        announce("No routing rules are configured.");
+      }
+      table.hidden = body.rows.length === 0;
+    } catch (err) {
+      showError(err);
+    }
+  }
+
   const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed };
   // what each view reads (appliance.roles)
   const VIEW_PERMISSIONS = { status: "status.read", queue: "review.read", reviewed: "review.read" };
@@ -374,6 +411,8 @@
     for (const id of ["jobs-by-state", "outbox-by-state", "recent-jobs", "reviewed-table"]) {
       $(id).tBodies[0].textContent = "";
     }
+    $("routing-table").tBodies[0].textContent = "";
+    $("routing-table").hidden = true;
     $("instances").textContent = "";
     $("quarantined").textContent = "";
     $("tabs").hidden = true;
@@ -386,6 +425,8 @@
       clearNotices();
     }
   }
+
+  $("routing-form").addEventListener("submit", explainRouting);
 
   async function onSignOut() {
     clearNotices();

@@ -15,17 +15,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+from numpy.typing import NDArray
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from appliance.api.app import create_app
 from appliance.api_server import ApiServer
+from appliance.demo_study import write_ct_series
 from appliance.review import Reviews, ReviewState
 from appliance.roles import Role
 from appliance.settings import Settings
 from appliance.store import ResultFile, Store
 from appliance.users import Accounts
 from dicom_router.ports import ReceivedInstance
+from inference.phantom import make_phantom
+from tests.conftest import REPO
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
@@ -97,6 +103,7 @@ def dashboard(tmp_path: Path) -> Iterator[Dashboard]:
         "inference": {"models_dir": str(tmp_path / "models")},
         "api": {"enabled": True, "port": free_port()},
         "review": {"models": ["held-model"]},
+        "router": {"rules_file": str(REPO / "config" / "rules.yaml")},
     })
     store = Store(settings.data_dir, fsync=False)
     accounts = Accounts(store, settings.api)  # as `portico users add` would
@@ -295,3 +302,38 @@ def test_a_wrong_password_shows_the_error_and_no_data_and_repeated_ones_lock_the
     failed = [e for e in dashboard.store.audit_events() if e["event"] == "sign_in_failed"]
     assert len(failed) == 5 and {e["actor"] for e in failed} == {REVIEWER}
     assert [e["detail"]["kind"] for e in dashboard.store.audit_events() if e["event"] == "sign_in_locked"] == ["user"]
+
+
+def test_the_status_view_explains_why_a_study_was_routed_or_not(dashboard: Dashboard, page: Page,
+                                                                  tmp_path: Path) -> None:
+    """`portico rules explain` in the dashboard: a CT series runs the model, an MR of the same study does not."""
+    ct = write_ct_series(*_phantom(), tmp_path / "ct", seed=11)
+    mr = write_ct_series(*_phantom(), tmp_path / "mr", study_instance_uid=ct.study_instance_uid,
+                         series_description="not a CT", seed=12)
+    for path in [*ct.paths, *mr.paths]:
+        ds = pydicom.dcmread(path)
+        if path in mr.paths:
+            ds.Modality = "MR"
+            ds.save_as(path)
+        dashboard.store.store(ReceivedInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                                               str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID),
+                                               "PACS", "127.0.0.1", path.read_bytes()))
+    sign_in(page, dashboard.url, VIEWER)
+    page.get_by_role("button", name="Status").click()
+    page.get_by_label("Study Instance UID").fill(ct.study_instance_uid)
+    page.get_by_role("button", name="Explain routing").click()
+    table = page.locator("#routing-table")
+    expect(table).to_be_visible()
+    expect(table.locator("tbody tr")).to_have_count(2)
+    expect(table).to_contain_text("runs the model")
+    expect(table).to_contain_text("no match: Modality not in")
+    # an unknown study: the API's error, no table
+    page.get_by_label("Study Instance UID").fill("1.2.3.4.5")
+    page.get_by_role("button", name="Explain routing").click()
+    expect(page.get_by_role("alert")).to_contain_text("not_found")
+    expect(table).to_be_hidden()
+
+
+def _phantom() -> tuple[NDArray[np.floating], tuple[float, float, float]]:
+    phantom = make_phantom((4, 32, 32), spacing=(2.5, 1.4, 1.4), seed=3)
+    return phantom.hu, phantom.spacing
