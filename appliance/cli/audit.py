@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import getpass
 import io
 import json
 import os
@@ -18,7 +17,7 @@ from typing import Any
 
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
-from appliance.cli.common import also_after, parser, settings_from
+from appliance.cli.common import also_after, cli_actor, parser, settings_from
 from appliance.store import Store
 
 #: the columns of an export, in order
@@ -63,12 +62,6 @@ def _when(text: str) -> dt.datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (2026-11-01) or ISO date-time") from None
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):
-        return "cli"
 
 
 def _read_only(database: Path) -> sqlite3.Connection:
@@ -123,7 +116,7 @@ def _verify(database: Path, anchors: list[str], as_json: bool, record: Path | No
         detail: dict[str, Any] = {"ok": problem is None, "rows": result.rows, "anchors": len(parsed)}
         if problem is not None:
             detail.update(problem=problem.kind, audit_id=problem.audit_id)
-        _record(record, AuditRecord(AuditEvent.AUDIT_VERIFIED, actor=_actor(), detail=detail))
+        _record(record, AuditRecord(AuditEvent.AUDIT_VERIFIED, actor=cli_actor(), detail=detail))
     return 0 if problem is None else 1
 
 
@@ -158,7 +151,7 @@ def _export(database: Path, data_dir: Path, args: argparse.Namespace) -> int:
             out.write(text)
     state = "intact" if chain.ok else f"BROKEN ({chain.problem.message if chain.problem else ''})"
     sys.stderr.write(f"exported {len(rows)} row(s); chain {state}\n")
-    _record(data_dir, AuditRecord(AuditEvent.AUDIT_EXPORTED, actor=_actor(), detail={
+    _record(data_dir, AuditRecord(AuditEvent.AUDIT_EXPORTED, actor=cli_actor(), detail={
         "since": since.isoformat(), "until": until.isoformat() if until else None, "format": args.format,
         "rows": len(rows), "first_id": rows[0]["id"] if rows else None,
         "last_id": rows[-1]["id"] if rows else None}))

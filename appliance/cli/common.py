@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -44,3 +46,16 @@ def config_problems(exc: ValidationError) -> str:
         where = ".".join(str(part) for part in error["loc"]) or "(settings)"
         lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+def cli_actor() -> str:
+    """``cli:<login name>``: who an action taken on the command line is recorded as."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def local_time(ts: float | None) -> str:
+    """A timestamp as local ``YYYY-MM-DD HH:MM:SS``, or ``-``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"

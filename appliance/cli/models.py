@@ -10,7 +10,6 @@ version from running at all, ``enable`` allows it again. Every change is audited
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from appliance.audit import AuditEvent, AuditRecord
-from appliance.cli.common import parser, settings_from
+from appliance.cli.common import cli_actor, parser, settings_from
 from appliance.models import ModelRegistry, parse_ref
 from appliance.settings import Settings
 from appliance.store import Store
@@ -64,7 +63,7 @@ def main(argv: Sequence[str]) -> int:
     store = Store(settings.data_dir, fsync=settings.storage.fsync, min_free_mb=0)
     try:
         registry = ModelRegistry.from_settings(settings, audit=store.record)
-        actor = _actor()
+        actor = cli_actor()
         if args.action == "list":
             return _list(registry)
         if args.action == "verify":
@@ -77,12 +76,6 @@ def main(argv: Sequence[str]) -> int:
     finally:
         store.close()
 
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):
-        return "cli"
 
 
 def _out(line: str) -> None:

@@ -20,14 +20,12 @@ sent yet. Output names studies by shortened UID only.
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.cli.common import also_after, parser, settings_from
+from appliance.cli.common import also_after, cli_actor, local_time, parser, settings_from
 from appliance.handoff import short
 from appliance.review import Outcome, Review, ReviewError, Reviews, ReviewState, describe
 from appliance.store import Store
@@ -36,16 +34,6 @@ from appliance.withdraw import Withdrawal, withdraw
 _STATES = {"all": None, **{s.lower(): s for s in ReviewState}}
 
 
-def _actor() -> str:
-    """``cli:<login name>``: who a decision made here is recorded as."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def _as_json(r: Review, full: bool) -> dict[str, Any]:
@@ -67,11 +55,11 @@ def _show(r: Review) -> str:
         f"job {job.id}: {r.state}" + (" (held for review)" if r.state is ReviewState.HELD else ""),
         f"study   {short(job.study_uid)}  series {short(job.series_uid)}  run {job.run_version}",
         f"model   {', '.join(refs) or job.model}  (rule {job.rule}, {job.provider or '-'})",
-        f"done    {_when(job.updated)}",
+        f"done    {local_time(job.updated)}",
     ]
     if r.decided_at is not None:
         how = "held" if r.held else "retrospective"
-        lines.append(f"decided {_when(r.decided_at)} by {r.reviewer} via {r.via} ({how})"
+        lines.append(f"decided {local_time(r.decided_at)} by {r.reviewer} via {r.via} ({how})"
                      + (f": {r.reason}" if r.reason else ""))
     if r.outbox:
         lines.append("outbox  " + ", ".join(f"{n} {state}" for state, n in sorted(r.outbox.items())))
@@ -139,11 +127,11 @@ def main(argv: Sequence[str]) -> int:
             sys.stdout.write((json.dumps(_as_json(review, True), indent=2) if args.as_json else _show(review))
                              + "\n")
         elif args.action == "withdraw":
-            sys.stdout.write(_withdrawn(withdraw(store, settings, args.job_id, _actor(), args.reason, via="cli"))
+            sys.stdout.write(_withdrawn(withdraw(store, settings, args.job_id, cli_actor(), args.reason, via="cli"))
                              + "\n")
         else:
             decide = reviews.approve if args.action == "approve" else reviews.reject
-            outcome = decide(args.job_id, _actor(), args.reason, via="cli", retrospective=args.retrospective)
+            outcome = decide(args.job_id, cli_actor(), args.reason, via="cli", retrospective=args.retrospective)
             sys.stdout.write(_decided(outcome) + "\n")
     except (ReviewError, ValueError) as exc:
         sys.stderr.write(f"portico review {args.action}: {exc}\n")

@@ -22,27 +22,15 @@ import argparse
 import getpass
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.cli.common import also_after, parser, settings_from
+from appliance.cli.common import also_after, cli_actor, local_time, parser, settings_from
 from appliance.identity import AccountError, User
 from appliance.lockout import Lock, LockKind
 from appliance.roles import Role, parse_roles
 from appliance.store import Store
 from appliance.users import Accounts
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -86,7 +74,7 @@ def _list(accounts: Accounts, as_json: bool) -> None:
         return
     sys.stdout.write(f"{'USER':<24} {'ROLES':<28} {'STATE':<9} {'LAST SIGN-IN':<36} {'TOKENS':<6} LOCK\n")
     for user, lock, live in rows:
-        last = f"{_when(user.last_sign_in)} from {user.last_sign_in_from}" if user.last_sign_in else "never"
+        last = f"{local_time(user.last_sign_in)} from {user.last_sign_in_from}" if user.last_sign_in else "never"
         sys.stdout.write(f"{user.username:<24} {','.join(user.roles):<28} "
                          f"{'disabled' if user.disabled else 'enabled':<9} {last:<36} {live:<6} "
                          f"{_lock_state(lock, now)}\n")
@@ -99,7 +87,7 @@ def _tokens(accounts: Accounts, name: str) -> None:
     sys.stdout.write(f"{'ID':<14} {'STATE':<8} {'EXPIRES':<20} {'LAST USED':<20} LABEL\n")
     for t in accounts.tokens(name):
         state = "revoked" if t.revoked is not None else "expired" if t.expires <= now else "live"
-        sys.stdout.write(f"{t.id:<14} {state:<8} {_when(t.expires):<20} {_when(t.last_used):<20} {t.label}\n")
+        sys.stdout.write(f"{t.id:<14} {state:<8} {local_time(t.expires):<20} {local_time(t.last_used):<20} {t.label}\n")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -133,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     settings = settings_from(args)
     store = Store(settings.data_dir, fsync=settings.storage.fsync)
-    actor = _actor()
+    actor = cli_actor()
     try:
         accounts = Accounts(store, settings.api)
         action = args.action
@@ -159,7 +147,7 @@ def main(argv: Sequence[str]) -> int:
             sys.stdout.write(f"{args.name}: {', '.join(now_roles)}\n")
         elif action == "token":
             issued = accounts.issue_token(args.name, actor, args.expires_days, args.label)
-            sys.stderr.write(f"token {issued.id} for {args.name}, expires {_when(issued.expires)}; "
+            sys.stderr.write(f"token {issued.id} for {args.name}, expires {local_time(issued.expires)}; "
                              "it is shown this once: send it as 'Authorization: Bearer <token>'\n")
             sys.stdout.write(issued.token + "\n")
         elif action == "tokens":
