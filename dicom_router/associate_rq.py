@@ -11,7 +11,7 @@ syntax, a private one) is taken only when the sender offers nothing else. Item l
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 _FIXED = 68  # protocol version, reserved, called AE, calling AE, reserved
 _PRESENTATION_CONTEXT = 0x20
@@ -38,31 +38,30 @@ def prefer_transfer_syntaxes(pdu: bytes, known: Collection[str]) -> bytes:
         When an item's length runs past its container.
     """
     out = bytearray(pdu)
-    pos, end = 6 + _FIXED, len(pdu)
+    for item_type, pos, item_end in _items(pdu, 6 + _FIXED, len(pdu), "the PDU"):
+        if item_type == _PRESENTATION_CONTEXT:
+            _reorder(pdu, out, pos + 8, item_end, known)  # context id, 3 reserved bytes, then sub-items
+    return bytes(out)
+
+
+def _items(pdu: bytes, start: int, end: int, container: str) -> Iterator[tuple[int, int, int]]:
+    """``(type, start, end)`` of each item (header included) between ``start`` and ``end``."""
+    pos = start
     while pos < end:
         if pos + 4 > end:
-            raise MalformedRequest("an item header runs past the PDU")
+            raise MalformedRequest(f"an item header runs past {container}")
         item_type, _, length = _ITEM.unpack_from(pdu, pos)
         item_end = pos + 4 + length
         if item_end > end:
-            raise MalformedRequest("an item runs past the PDU")
-        if item_type == _PRESENTATION_CONTEXT:
-            _reorder(pdu, out, pos + 8, item_end, known)  # context id, 3 reserved bytes, then sub-items
+            raise MalformedRequest(f"an item runs past {container}")
+        yield item_type, pos, item_end
         pos = item_end
-    return bytes(out)
 
 
 def _reorder(pdu: bytes, out: bytearray, start: int, end: int, known: Collection[str]) -> None:
     syntaxes: list[tuple[bool, bytes]] = []
     first: int | None = None
-    pos = start
-    while pos < end:
-        if pos + 4 > end:
-            raise MalformedRequest("a sub-item header runs past its presentation context")
-        sub_type, _, length = _ITEM.unpack_from(pdu, pos)
-        sub_end = pos + 4 + length
-        if sub_end > end:
-            raise MalformedRequest("a sub-item runs past its presentation context")
+    for sub_type, pos, sub_end in _items(pdu, start, end, "its presentation context"):
         if sub_type == _TRANSFER_SYNTAX:
             if first is None:
                 first = pos
@@ -70,7 +69,6 @@ def _reorder(pdu: bytes, out: bytearray, start: int, end: int, known: Collection
                 return  # transfer syntaxes not side by side: leave this context as it is
             uid = pdu[pos + 4:sub_end].rstrip(b"\0 ").decode("ascii", "replace")
             syntaxes.append((uid in known, pdu[pos:sub_end]))
-        pos = sub_end
     if first is None or len(syntaxes) < 2:
         return
     ordered = [raw for ok, raw in syntaxes if ok] + [raw for ok, raw in syntaxes if not ok]
