@@ -40,7 +40,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -83,10 +82,6 @@ STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_MISSING_UIDS = 0xC212
 STATUS_UNEXPECTED = 0xC211
-
-#: longer than any AE title can be, so nobody matches it
-_NOBODY = "<no AE title is allowed from this address>"
-
 
 def short_uid(uid: str) -> str:
     """The tail of a UID, enough to tell instances apart in logs."""
@@ -136,34 +131,6 @@ def quiet_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
-class _AllowListAE(AE):
-    """An AE whose calling-AE allow-list depends on the address of the association asking.
-
-    pynetdicom checks ``require_calling_aet`` while negotiating, inside the acceptor's own thread
-    (an :class:`~pynetdicom.association.Association`), so the list can be computed for that peer and
-    the standard A-ASSOCIATE-RJ (calling AE title not recognised) is sent for everyone else.
-    """
-
-    def __init__(self, ae_title: str, allowed: dict[str, frozenset[str]]) -> None:
-        self._allowed = allowed
-        super().__init__(ae_title)
-
-    @property
-    def require_calling_aet(self) -> list[str]:
-        assoc = threading.current_thread()
-        if not isinstance(assoc, Association):
-            return sorted({title for titles in self._allowed.values() for title in titles})
-        address = normalise_address(str(assoc.requestor.address))
-        titles = self._allowed.get(address)
-        return sorted(titles) if titles else [_NOBODY]
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, ae_titles: list[str]) -> None:
-        # AE.__init__ assigns [] here; the allow-list comes from the settings instead
-        if ae_titles:
-            raise ValueError("the allow-list comes from RouterSettings.peers")
-
-
 class StorageSCP:
     """C-STORE and C-ECHO SCP for the peers in ``settings.peers``; instances go to ``sink``.
 
@@ -189,11 +156,6 @@ class StorageSCP:
         self._report_refusals = report_refusals
         self._servers: list[EdgeServer] = []
         self._gate: Gate | None = None
-        allowed: dict[str, set[str]] = {}
-        for peer in settings.peers:
-            for host in peer.hosts:
-                allowed.setdefault(normalise_address(host), set()).add(peer.ae_title.strip())
-        self._allowed = {host: frozenset(titles) for host, titles in allowed.items()}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -224,7 +186,9 @@ class StorageSCP:
         return self._gate
 
     def _make_ae(self) -> AE:
-        ae = _AllowListAE(self._settings.ae_title, self._allowed)
+        # who may associate (address, calling and called AE title, TLS) is the edge's decision
+        # (dicom_router.edge.Gate), made before pynetdicom negotiates
+        ae = AE(self._settings.ae_title)
         ae.maximum_pdu_size = self._settings.max_pdu
         # a peer that stalls mid-association is dropped rather than held forever
         ae.network_timeout = 60
@@ -232,7 +196,6 @@ class StorageSCP:
         ae.dimse_timeout = 60
         # the edge caps associations first; pynetdicom's own cap is only a backstop
         ae.maximum_associations = 2 * self._settings.edge.max_associations
-        ae.require_called_aet = True
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
