@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_router.edge import Refusal, RefusalCount
@@ -72,6 +74,18 @@ def scp(request: pytest.FixtureRequest, start: Callable[..., Running]) -> Runnin
     return start(event_driven=request.param)
 
 
+
+
+def associated(port: int) -> tuple[Association, socket.socket]:
+    """An established association from PYSCU, and its raw socket (to send what pynetdicom would not)."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PORTICO")
+    assert assoc.is_established
+    assert assoc.dul.socket is not None
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    return assoc, raw
 
 
 def rss_bytes() -> int:
@@ -141,13 +155,7 @@ def test_an_oversized_associate_request_is_dropped_unread(scp: Running) -> None:
 
 
 def test_an_oversized_p_data_pdu_closes_the_association(scp: Running) -> None:
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="PORTICO")
-    assert assoc.is_established
-    assert assoc.dul.socket is not None
-    raw = assoc.dul.socket.socket
-    assert raw is not None
+    assoc, raw = associated(scp.port)
     before = rss_bytes()
     with pytest.raises(OSError):
         raw.sendall(struct.pack(">BBL", 4, 0, 1 << 30))
@@ -230,13 +238,7 @@ def test_stop_is_quick_with_stuck_connections_and_open_associations(start: Calla
 def test_a_pdu_that_stops_arriving_midway_ends_the_association(start: Callable[..., Running],
                                                                event_driven: bool) -> None:
     running = start(event_driven=event_driven, pdu_timeout=1.0)
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", running.port, ae_title="PORTICO")
-    assert assoc.is_established
-    assert assoc.dul.socket is not None
-    raw = assoc.dul.socket.socket
-    assert raw is not None
+    _assoc, raw = associated(running.port)
     raw.sendall(struct.pack(">BBL", 4, 0, 1000) + b"\0" * 10)  # a P-DATA-TF that never finishes
     wait_for(lambda: running.scp.gate.associations == 0, timeout=10, message="the stalled association to end")
     assert echo(running.port)
