@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import REPO
 from tests.integration.conftest import Appliance
 from tests.support.net import free_port
-from tests.support.polling import wait_for
+from tests.support.polling import api_healthy, wait_for_api
 
 PASSWORD = "first admin's passphrase"
 LEGACY = "legacy-shared-t0ken-for-tests"
@@ -41,14 +41,8 @@ def test_serve_answers_health_status_and_sign_in_for_accounts_made_on_the_comman
     app.process.start()
     base = f"http://127.0.0.1:{api_port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/health", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
     # the API starts last in Service.start(); the SCP port answering first is expected
-    wait_for(healthy, timeout=30, message="the API's /health")
+    wait_for_api(base)
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
 
     refused = httpx.get(f"{base}/status")
@@ -74,7 +68,7 @@ def test_serve_answers_health_status_and_sign_in_for_accounts_made_on_the_comman
     assert listed.returncode == 0 and "from 127.0.0.1" in listed.stdout, listed.stderr
 
     app.process.stop()
-    assert not healthy()
+    assert not api_healthy(base)
     log = app.log_text()
     assert "api.token is deprecated" in log
     for secret in (token, LEGACY, PASSWORD):

@@ -31,7 +31,7 @@ from tests.conftest import REPO
 from tests.integration.test_dispatch import MemoryOutbox
 from tests.support.certs import Pki, make_pki
 from tests.support.net import free_port, port_open
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for_api
 from tests.support.stow import CONTENT_TYPE, PATIENT_NAME, ct_instance, multipart
 
 pytestmark = pytest.mark.slow
@@ -81,15 +81,8 @@ def _serve(workdir: Path, api: dict[str, Any], client: httpx.Client) -> Served:
                     "https" if "tls" in api else "http")
     served.process.start()
 
-    def healthy() -> bool:
-        try:
-            return client.get(f"{served.base}/health", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        # the API starts last in Service.start()
-        wait_for(healthy, timeout=30, message="the API's /health")
+        wait_for_api(served.base, client)
     except AssertionError:
         served.process.stop()
         raise

@@ -20,7 +20,7 @@ from pynetdicom import AE
 
 from tests.integration.conftest import Appliance
 from tests.support.net import free_port
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for, wait_for_api
 from tests.support.stow import CONTENT_TYPE, PATIENT_NAME, ct_instance, multipart
 
 SENDER_TOKEN = "hostile-test-sender-t0ken"
@@ -35,13 +35,7 @@ def _serve(portico_factory: Callable[..., Appliance], **router: Any) -> tuple[Ap
         "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": ADMIN_TOKEN}})
     base = f"http://127.0.0.1:{api_port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{base}/health", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(healthy, timeout=30, message="the API's /health")
+    wait_for_api(base)
     return app, base
 
 

@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import httpx
+
 T = TypeVar("T")
 
 
@@ -20,3 +22,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
         time.sleep(interval)
         last = predicate()
     return last
+
+
+def api_healthy(base: str, client: httpx.Client | None = None) -> bool:
+    """Whether ``base``'s ``/health`` answers 200 now."""
+    try:
+        answer = (client or httpx).get(f"{base}/health", timeout=2.0)
+    except httpx.TransportError:
+        return False
+    return answer.status_code == 200
+
+
+def wait_for_api(base: str, client: httpx.Client | None = None, timeout: float = 30.0) -> None:
+    """Wait until ``base``'s ``/health`` answers 200 (the API starts last in ``portico serve``)."""
+    wait_for(lambda: api_healthy(base, client), timeout=timeout, message="the API's /health")
