@@ -140,7 +140,10 @@ def remove_stale_temporaries(root: Path, *, older_than: float = STALE_TEMPORARY_
         return 0
     cutoff = (time.time() if now is None else now) - older_than
     removed = 0
-    for path in [*root.rglob("*.tmp"), *root.rglob("*.part")]:
+    # one walk of the tree (it holds every instance), not one per suffix
+    for path in root.rglob("*"):
+        if not path.name.endswith((".tmp", ".part")):
+            continue
         try:
             if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
                 path.unlink()
