@@ -140,8 +140,10 @@ def test_secondary_capture_goes_only_where_asked(
     study_id = pacs.upload(phantom_study(tmp_path / "study"))
     pacs.send_to("portico", study_id)
 
-    found = wait_for(lambda: (s := series_of(pacs, study_id)) and {"SEG", "SR", "OT"} <= set(s) and s,
-                     timeout=300, interval=0.25, message="SEG, SR and SC in the PACS")
+    # the key images arrive one C-STORE at a time: wait for all three, not for the series to appear
+    found = wait_for(lambda: (s := series_of(pacs, study_id)) and {"SEG", "SR", "OT"} <= set(s)
+                     and sum(len(x["Instances"]) for x in s["OT"]) >= 3 and s,
+                     timeout=300, interval=0.25, message="SEG, SR and three SC images in the PACS")
     assert len(found["OT"]) == 1 and len(found["OT"][0]["Instances"]) == 3
     images = [instance(pacs, i) for i in found["OT"][0]["Instances"]]
     seg = instance(pacs, found["SEG"][0]["Instances"][0])
