@@ -13,6 +13,9 @@ COPY config config
 COPY orthanc orthanc
 RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
 RUN useradd --system --home /var/lib/portico portico && mkdir -p /var/lib/portico && chown portico /var/lib/portico
+# NVFlare's own user, for a container run as root (`user: root`): Portico then runs NVFlare as portico-fl
+# (fl.run_as). As the image's default user `portico`, the container is the FL client's box (docs/fl.md).
+RUN useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin portico-fl
 USER portico
 ENV PORTICO_CONFIG=/etc/portico/portico.yaml
 EXPOSE 11112

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from enum import StrEnum
+from typing import Any
 
 from appliance import audit_chain
 from appliance.atna_message import AuditRow
@@ -50,7 +51,7 @@ def set_enabled(store: Store, enabled: bool) -> None:
 
 def due(store: Store, limit: int) -> list[AuditRow]:
     """The oldest ``limit`` pending rows, with their audit content."""
-    rows = store.query("SELECT a.id, a.ts, a.event, a.study_uid, a.job_id, a.actor, a.detail FROM atna_outbox o "
+    rows = _rows(store, "SELECT a.id, a.ts, a.event, a.study_uid, a.job_id, a.actor, a.detail FROM atna_outbox o "
                        "JOIN audit a ON a.id = o.audit_id WHERE o.state = ? ORDER BY o.audit_id LIMIT ?",
                        (AtnaState.PENDING, limit))
     out = []
@@ -71,8 +72,8 @@ def mark(store: Store, audit_ids: list[int], state: AtnaState) -> None:
     now = time.time()
     column = "written_at" if state is AtnaState.WRITTEN else "done_at"
     with store.transaction() as db:
-        db.executemany(f"UPDATE atna_outbox SET state = ?, {column} = ? WHERE audit_id = ?",
-                       [(state, now, i) for i in audit_ids])
+        for i in audit_ids:
+            db.execute(f"UPDATE atna_outbox SET state = ?, {column} = ? WHERE audit_id = ?", (state, now, i))
 
 
 def confirm(store: Store, written_before: float) -> int:
@@ -128,9 +129,14 @@ def prune(store: Store, done_before: float) -> int:
 
 def unsent_count(store: Store) -> int:
     """Rows not yet known to be delivered."""
-    return int(store.query("SELECT COUNT(*) FROM atna_outbox WHERE state IN (?, ?)", UNSENT)[0][0])
+    return int(_rows(store, "SELECT COUNT(*) FROM atna_outbox WHERE state IN (?, ?)", UNSENT)[0][0])
 
 
 def counts(store: Store) -> dict[str, int]:
     """Rows per state."""
-    return {str(r[0]): int(r[1]) for r in store.query("SELECT state, COUNT(*) FROM atna_outbox GROUP BY state")}
+    return {str(r[0]): int(r[1]) for r in _rows(store, "SELECT state, COUNT(*) FROM atna_outbox GROUP BY state")}
+
+
+def _rows(store: Store, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    with store.reading() as tx:
+        return tx.all(sql, params)

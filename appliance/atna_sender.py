@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from appliance import atna_outbox
+from appliance import atna_outbox, audit_chain
 from appliance.atna_events import SUCCESS, atna_event, outcome
 from appliance.atna_message import AuditRow, Source, build, group_key
 from appliance.atna_outbox import AtnaState
@@ -49,7 +49,7 @@ class AuditForwarder:
         self.source = Source(
             source_id=settings.source_id or f"{ae_title}@{hostname}", site_id=settings.site_id,
             app_name=self.syslog.app_name if self.syslog else "portico", ae_title=ae_title, hostname=hostname,
-            pid=os.getpid(), audit_log_uri=f"file://{hostname}{store.data_dir.resolve() / 'portico.sqlite3'}")
+            pid=os.getpid(), audit_log_uri=_audit_log_uri(store, hostname))
         self.confirm_seconds = confirm_seconds
         self.poll_seconds = poll_seconds
         self.batch = batch
@@ -242,10 +242,11 @@ class AuditForwarder:
         now = time.monotonic()
         if not force and now - self._anchored_at < self.settings.anchor_minutes * 60:
             return
-        rows = self.store.query("SELECT last_id, last_hash FROM audit_head WHERE id = 1")
-        if not rows:
+        with self.store.reading() as tx:
+            top = audit_chain.head(tx)
+        if top is None:
             return
-        last_id, last_hash = int(rows[0][0]), str(rows[0][1])
+        last_id, last_hash = top.last_id, top.last_hash
         self._anchored_at = now
         if force or last_id != self._anchored:
             log.info("audit chain anchor: row %d sha256 %s (check with: portico audit verify --anchor %d:%s)",
@@ -261,3 +262,9 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _audit_log_uri(store: Store, hostname: str) -> str:
+    """Where the audit trail is kept: the SQLite file, or the PostgreSQL database (no password)."""
+    file = store.database_file
+    return f"file://{hostname}{file.resolve()}" if file is not None else store.db.describe()

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db.engine import Tx
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,13 @@ def row_hash(row: Mapping[str, Any], prev_hash: str) -> str:
     return hashlib.sha256(canonical(row, prev_hash)).hexdigest()
 
 
-def head(db: sqlite3.Connection) -> Head | None:
+def head(db: Tx) -> Head | None:
     """The chain's head, or ``None`` before :func:`upgrade` made one."""
     row = db.execute("SELECT last_id, last_hash, atna FROM audit_head WHERE id = 1").fetchone()
     return None if row is None else Head(int(row[0]), str(row[1]), bool(row[2]))
 
 
-def append(db: sqlite3.Connection, rec: AuditRecord, ts: float | None = None) -> int:
+def append(db: Tx, rec: AuditRecord, ts: float | None = None) -> int:
     """Insert ``rec`` as the chain's next row inside the caller's write transaction; returns its id.
 
     When the head says so, the row is queued for ATNA in the same transaction.
@@ -128,7 +128,7 @@ def append(db: sqlite3.Connection, rec: AuditRecord, ts: float | None = None) ->
     return new_id
 
 
-def upgrade(db: sqlite3.Connection) -> None:
+def upgrade(db: Tx) -> None:
     """Bring the audit table up to the chain, inside the caller's write transaction; idempotent.
 
     Adds ``prev_hash`` and ``hash`` when missing. Without a head: a table none of whose rows is hashed
@@ -138,7 +138,7 @@ def upgrade(db: sqlite3.Connection) -> None:
     (``head_rebuilt``). Rows without a hash after the first hashed one are never chained here: they are
     what :func:`verify` reports as inserted.
     """
-    columns = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    columns = db.columns("audit")
     for column in ("prev_hash", "hash"):
         if column not in columns:
             db.execute(f"ALTER TABLE audit ADD COLUMN {column} TEXT")
@@ -171,13 +171,13 @@ def upgrade(db: sqlite3.Connection) -> None:
             "action": "chained_retroactively", "rows": count, "first_id": first_id, "last_id": last_id}))
 
 
-def needs_upgrade(db: sqlite3.Connection) -> bool:
+def needs_upgrade(db: Tx) -> bool:
     """Whether :func:`upgrade` has anything to do (read only: no write lock for a database already chained)."""
-    columns = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    columns = db.columns("audit")
     return not {"prev_hash", "hash"} <= columns or head(db) is None
 
 
-def set_atna(db: sqlite3.Connection, enabled: bool) -> None:
+def set_atna(db: Tx, enabled: bool) -> None:
     """Whether rows written from now on queue an ATNA message (inside the caller's write transaction)."""
     db.execute("UPDATE audit_head SET atna = ? WHERE id = 1", (int(enabled),))
 
@@ -187,7 +187,7 @@ def set_atna(db: sqlite3.Connection, enabled: bool) -> None:
 _COLUMNS = "id, ts, event, study_uid, job_id, actor, detail, prev_hash, hash"
 
 
-def _rows(db: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+def _rows(db: Tx) -> Iterator[dict[str, Any]]:
     names = [c.strip() for c in _COLUMNS.split(",")]
     for r in db.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY id"):
         yield dict(zip(names, r, strict=True))
@@ -202,21 +202,18 @@ def _intact(row: Mapping[str, Any]) -> bool:
         return False
 
 
-def verify(db: sqlite3.Connection) -> Verification:
+def verify(db: Tx) -> Verification:
     """Walk the chain from the first row; stop at the first edited, deleted or inserted row.
 
     ``db`` may be read-only. Each row must (in this order) lie within the head, carry a hash, match its
     hash, and name the previous row's hash; a mismatch there is an inserted row when the next row links
     past it, else rows deleted before it. At the end the head must name the last row.
     """
-    columns = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+    columns = db.columns("audit")
     if "hash" not in columns:
         return Verification(0, 0, GENESIS, Problem("unchained", None, "the audit table predates the hash chain; "
                                                    "start portico once to chain it"))
-    try:
-        top = head(db)
-    except sqlite3.OperationalError:  # no audit_head table
-        top = None
+    top = head(db) if db.columns("audit_head") else None  # None: no audit_head table
     if top is None:
         return Verification(0, 0, GENESIS, Problem("deleted", None, "the chain's head (table audit_head) is missing"))
     count, prev_hash, prev_id = 0, GENESIS, 0
@@ -268,7 +265,7 @@ def _check(row: Mapping[str, Any], following: Mapping[str, Any] | None, prev_id:
     return Problem("edited", prev_id, f"row {prev_id} was replaced (row {rid} links to a different row {prev_id})")
 
 
-def check_anchor(db: sqlite3.Connection, audit_id: int, digest: str) -> Problem | None:
+def check_anchor(db: Tx, audit_id: int, digest: str) -> Problem | None:
     """Whether row ``audit_id`` still has the hash an anchor (a log line, a collector) recorded."""
     row = db.execute("SELECT hash FROM audit WHERE id = ?", (audit_id,)).fetchone()
     if row is None:
@@ -277,3 +274,26 @@ def check_anchor(db: sqlite3.Connection, audit_id: int, digest: str) -> Problem 
         return Problem("edited", audit_id, f"row {audit_id}'s hash differs from the anchor: the chain was "
                                            "rewritten from there or earlier")
     return None
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def events(db: Tx, *, study_uid: str | None = None, limit: int | None = None,
+           kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Audit rows, oldest first: all of them, or the ``limit`` most recent (of ``study_uid``, of ``kinds``)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if study_uid:
+        clauses.append("study_uid = ?")
+        params.append(study_uid)
+    if kinds:
+        clauses.append(f"event IN ({','.join('?' * len(kinds))})")
+        params.extend(kinds)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT * FROM audit {where} ORDER BY id"
+    if limit is not None:  # the newest rows, without reading the whole (append-only, growing) table
+        sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) newest ORDER BY id"
+        params.append(limit)
+    return [{"ts": r["ts"], "event": r["event"], "study_uid": r["study_uid"], "job_id": r["job_id"],
+             "actor": r["actor"], "detail": json.loads(r["detail"])} for r in db.execute(sql, params)]

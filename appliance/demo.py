@@ -208,7 +208,7 @@ class Demo:
     def _stage(self, study_uid: str) -> tuple[str, dict[str, str] | None]:
         """Where this study is in Portico, and the failure that ends the demo, if any."""
         assert self.portico is not None
-        store = Store(load_settings(self.portico.config).data_dir, fsync=False)
+        store = Store.from_settings(load_settings(self.portico.config), fsync=False)
         try:
             jobs = store.jobs(study_uid)
             events = {str(e["event"]) for e in store.audit_events(study_uid)}
@@ -228,6 +228,10 @@ class Demo:
                     "receiving / waiting for the study to be complete"), None
         if any(job.state == JobState.PENDING and job.error for job in jobs):
             return "a job failed and will be retried: " + next(j.error or "" for j in jobs if j.error), None
+        running = [job for job in jobs if job.state == JobState.RUNNING]
+        if running and running[0].progress is not None:
+            done, total = running[0].progress
+            return f"inference: {done}/{total} slices ({running[0].model})", None
         if any(job.state in (JobState.PENDING, JobState.RUNNING) for job in jobs):
             return f"inference running ({', '.join(sorted({j.model for j in jobs}))})", None
         if pending_outbox:
@@ -237,7 +241,7 @@ class Demo:
     def _portico_facts(self, study_uid: str) -> dict[str, Any]:
         assert self.portico is not None
         settings = load_settings(self.portico.config)
-        store = Store(settings.data_dir, fsync=False)
+        store = Store.from_settings(settings, fsync=False)
         try:
             jobs = store.jobs(study_uid)
             facts: dict[str, Any] = {"jobs": []}

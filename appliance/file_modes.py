@@ -72,11 +72,12 @@ class Tightened:
     failed: int = 0
 
 
-def tighten_tree(root: Path) -> Tightened:
+def tighten_tree(root: Path, *, root_keeps: int = 0) -> Tightened:
     """Remove group/other permissions from ``root`` and everything under it; logs what it did.
 
     Symbolic links are neither followed nor changed. The owner's bits stay as they are (a kit's
-    read-only key stays read-only).
+    read-only key stays read-only). ``root_keeps``: group/other bits ``root`` itself may keep (``0o010``:
+    the FL user's group may traverse the data folder to reach its own folder, see :mod:`fl_client.box`).
     """
     if not root.is_dir():
         return Tightened()
@@ -84,7 +85,7 @@ def tighten_tree(root: Path) -> Tightened:
     stack = [root]
     while stack:
         folder = stack.pop()
-        changed = _tighten(folder)
+        changed = _tighten(folder, root_keeps if folder == root else 0)
         folders += changed is True
         failed += changed is None
         try:
@@ -111,13 +112,13 @@ def tighten_tree(root: Path) -> Tightened:
     return result
 
 
-def _tighten(path: Path) -> bool | None:
+def _tighten(path: Path, keeps: int = 0) -> bool | None:
     """True if changed, False if already owner-only, None if it could not be changed."""
     try:
         mode = stat.S_IMODE(os.lstat(path).st_mode)
-        if not mode & _GROUP_OTHER:
+        if not mode & _GROUP_OTHER & ~keeps:
             return False
-        os.chmod(path, mode & ~_GROUP_OTHER)
+        os.chmod(path, mode & ~(_GROUP_OTHER & ~keeps))
     except FileNotFoundError:  # removed meanwhile (a spool file, a temporary file)
         return False
     except OSError:

@@ -18,9 +18,10 @@ from appliance.review import Reviews
 from appliance.settings import ReviewSettings, Settings
 from appliance.store import Store
 from fl_client.approvals import Approvals, Decision, DecisionKind
+from fl_client.box import FLUser, box_user, stage_cohort
 from fl_client.dataset import CandidateSeries, build_index
-from fl_client.errors import PolicyError
-from fl_client.job_review import review_job, review_trainer
+from fl_client.errors import BoxError, PolicyError
+from fl_client.job_review import review_job, review_trainer, saved_review
 from fl_client.kit import enrolment
 from fl_client.layout import SiteLayout, read_json, write_json
 from fl_client.policy import floor_of_privacy
@@ -80,14 +81,28 @@ def refresh_cohorts(settings: Settings, store: Store, names: Sequence[str] = ())
     """Rebuild the cohort index files from the store; series count per cohort."""
     layout = layout_of(settings)
     layout.ensure()
+    user = fl_user(settings)
     counts = {}
     for name, rule in settings.fl.cohorts.items():
         if names and name not in names:
             continue
-        index = build_index(name, rule, StoreStudySource(store, Reviews(store, settings.review)),
-                            layout.cohorts / f"{name}.json")
+        out = layout.cohorts / f"{name}.json"
+        index = build_index(name, rule, StoreStudySource(store, Reviews(store, settings.review)), out)
+        if user is not None:
+            # the FL user reads copies in its own folder, never the store's owner-only files (fl_client.box)
+            staged = stage_cohort(index, layout.cohorts / f"{name}.files", user, base=settings.data_dir)
+            write_json(out, staged.model_dump(mode="json"))
         counts[name] = len(index.series)
     return counts
+
+
+def fl_user(settings: Settings) -> FLUser | None:
+    """The FL user when NVFlare will run boxed; None otherwise, also when that user is missing (the
+    supervisor then refuses to start, with the reason)."""
+    try:
+        return box_user(settings.fl.run_as)
+    except BoxError:
+        return None
 
 
 def audit_fl_event(store: Store, event: FLEvent) -> None:
@@ -154,12 +169,19 @@ def decide_job(settings: Settings, store: Store, job_id: str, decision: Decision
         elif content_sha256:
             sha = content_sha256
             deployed = (pending.meta.get("deployed") if pending else None) or {}
+            kept = saved_review(layout, job_id) or {}
             if isinstance(deployed, dict) and deployed.get("client_app_sha256") == sha:
                 problems = review_trainer(dict(deployed.get("trainer") or {}), settings.fl)
                 problems += list(deployed.get("problems") or [])
                 if problems:
                     raise PolicyError("not approved: " + "; ".join(problems))
                 review = {"deployed": deployed, "privacy": floor_of_privacy(settings.fl.privacy)}
+            elif kept.get("client_app_sha256") == sha:  # what `portico fl inspect --for` showed
+                problems = review_trainer(dict(kept.get("trainer") or {}), settings.fl) + list(
+                    kept.get("problems") or [])
+                if problems:
+                    raise PolicyError("not approved: " + "; ".join(dict.fromkeys(problems)))
+                review = kept
         else:
             raise PolicyError("an approval binds the job's content: give the job folder (portico fl approve JOB "
                               "--job FOLDER) or its content hash (--content-sha256, from portico fl inspect)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydicom import dcmread
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.metrics import Metrics
 from appliance.routing_explain import explain, no_match_detail
 from appliance.store import Run, Store
 from dicom_router.assembly import count_study_instances, is_complete
@@ -41,6 +42,8 @@ class HandOff:
     store: Store
     settings: RouterSettings
     rules: RuleSet
+    #: counts hand-offs and the wait after each study's last instance
+    metrics: Metrics | None = None
     _last_query: dict[str, float] = field(default_factory=dict)
     #: per peer AE title: seconds to wait before asking it again, while it gives no count
     _peer_backoff: dict[str, float] = field(default_factory=dict)
@@ -113,8 +116,10 @@ class HandOff:
             if is_complete(study.received_count, study.last_received, now, self.settings.quiet_seconds,
                            expected):
                 reason = "count" if expected is not None and study.received_count >= expected else "quiet"
-                self.store.hand_off(study.study_uid, reason)
+                run = self.store.hand_off(study.study_uid, reason)
                 self._last_query.pop(study.study_uid, None)
+                if run is not None and self.metrics is not None:
+                    self.metrics.handed_off(reason, run.created - run.last_received)
         routed = []
         for run in self.store.unrouted_runs():
             self.route(run)

@@ -1,37 +1,22 @@
 """Which installed model versions may run: one active version per name; each version enabled or not.
 
-Kept in the ``model_versions`` table of the appliance database (``data_dir/portico.sqlite3``, WAL),
-on a short-lived connection of its own per call, so the CLI and a running service can share it.
+Kept in the ``model_versions`` table of the appliance database (:mod:`appliance.db`); this module is that
+table's repository. Writes are durable commits (``synchronous=FULL`` on SQLite), so the CLI and a running
+service share one truth about what runs.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from appliance.file_modes import create_private, make_private_dirs
-
-DB_NAME = "portico.sqlite3"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_versions (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('candidate', 'active')),
-    enabled INTEGER NOT NULL DEFAULT 1,
-    package_hash TEXT NOT NULL,
-    folder TEXT NOT NULL,
-    added REAL NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_active ON model_versions(name) WHERE role = 'active';
-"""
+from appliance.db.engine import Database, Tx, open_database
+from appliance.db.migrations import upgrade
 
 
 class Role(StrEnum):
@@ -64,41 +49,28 @@ class VersionState:
 class ModelStates:
     """The ``model_versions`` table."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        self._ready = False
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> ModelStates:
-        """The states kept in the appliance database under ``data_dir``."""
-        return cls(data_dir / DB_NAME)
+    def in_data_dir(cls, data_dir: Path, url: str | None = None) -> ModelStates:
+        """The states kept in the appliance database (``storage.database``; default SQLite under ``data_dir``)."""
+        database = open_database(url, data_dir)
+        upgrade(database, backup_dir=data_dir / "backups")
+        return cls(database)
 
     @contextmanager
-    def _tx(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection; ``write`` takes the write lock up front."""
-        if not self._ready:
-            make_private_dirs(self.db_path.parent)
-            create_private(self.db_path)  # owner-only, as the store makes it (appliance.file_modes)
-        db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30.0)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            if not self._ready:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(SCHEMA)
-                self._ready = True
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def _tx(self, write: bool = False) -> Iterator[Tx]:
+        """A read, or a write that survives power loss (a promotion decides what runs on patients' studies)."""
+        if write:
+            with self.database.transaction(durable=True) as tx:
+                yield tx
+        else:
+            with self.database.reading() as tx:
+                yield tx
 
     @staticmethod
-    def _state(row: sqlite3.Row) -> VersionState:
+    def _state(row: Any) -> VersionState:
         return VersionState(name=row["name"], version=row["version"], role=Role(row["role"]),
                             enabled=bool(row["enabled"]), package_hash=row["package_hash"],
                             folder=row["folder"], added=row["added"], updated=row["updated"])

@@ -116,7 +116,7 @@ class ModelRegistry:
     @classmethod
     def from_settings(cls, settings: Settings, audit: AuditSink | None = None) -> ModelRegistry:
         """The registry the appliance runs with: its models folder, database and signature policy."""
-        return cls(settings.models_dir, ModelStates.in_data_dir(settings.data_dir),
+        return cls(settings.models_dir, ModelStates.in_data_dir(settings.data_dir, settings.storage.database),
                    trusted_keys=settings.inference.trusted_keys,
                    require_signature=settings.inference.require_signatures, audit=audit)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db.engine import Tx
 from appliance.handoff import short
-from appliance.review import Reviews, ReviewState
-from appliance.settings import RetentionSettings, ReviewSettings, Settings
+from appliance.review import ReviewState
+from appliance.settings import RetentionSettings, Settings
 from appliance.store import JobState, OutboxState, Store
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ class Retention:
         self.clock = clock
         self.protected: Callable[[], frozenset[str]] = protected or (lambda: frozenset())
         self.actor = actor
-        Reviews(store, ReviewSettings())  # the reviews table is read below, whether or not review is on
 
     # ---- a pass ----------------------------------------------------------------------------------
 
@@ -153,24 +152,25 @@ class Retention:
         """Studies that hold something old enough to go, by a first, cheap look (each is checked again)."""
         if not self._stage_days():
             return []
-        last = {r["study_uid"]: float(r["last_received"])
-                for r in self.store.query("SELECT study_uid, last_received FROM studies")}
-        for sql in ("SELECT study_uid, MAX(updated) AS t FROM jobs GROUP BY study_uid",
-                    "SELECT study_uid, MAX(created) AS t FROM runs GROUP BY study_uid"):
-            for r in self.store.query(sql):
-                if r["study_uid"] in last and r["t"] is not None:
-                    last[r["study_uid"]] = max(last[r["study_uid"]], float(r["t"]))
-        # studies already purged of what is due stay out: an hourly pass does not revisit them all
-        with_instances = {r[0] for r in self.store.query("SELECT DISTINCT study_uid FROM instances")}
-        with_results = {r[0] for r in self.store.query(
-            "SELECT DISTINCT j.study_uid FROM results r JOIN jobs j ON j.id = r.job_id")}
+        with self.store.reading() as tx:
+            last = {r["study_uid"]: float(r["last_received"])
+                    for r in tx.execute("SELECT study_uid, last_received FROM studies")}
+            for sql in ("SELECT study_uid, MAX(updated) AS t FROM jobs GROUP BY study_uid",
+                        "SELECT study_uid, MAX(created) AS t FROM runs GROUP BY study_uid"):
+                for r in tx.execute(sql):
+                    if r["study_uid"] in last and r["t"] is not None:
+                        last[r["study_uid"]] = max(last[r["study_uid"]], float(r["t"]))
+            # studies already purged of what is due stay out: an hourly pass does not revisit them all
+            with_instances = {r[0] for r in tx.execute("SELECT DISTINCT study_uid FROM instances")}
+            with_results = {r[0] for r in tx.execute(
+                "SELECT DISTINCT j.study_uid FROM results r JOIN jobs j ON j.id = r.job_id")}
         holding = ((self.settings.instances_days, with_instances), (self.settings.results_days, with_results))
         return sorted(uid for uid, t in last.items()
                       if any(_due(days, now - t) and uid in held for days, held in holding))
 
     # ---- one study -------------------------------------------------------------------------------
 
-    def _study(self, db: sqlite3.Connection, study_uid: str, now: float, protected: frozenset[str],
+    def _study(self, db: Tx, study_uid: str, now: float, protected: frozenset[str],
                dry_run: bool) -> StudyPurge | Kept | None:
         study = db.execute("SELECT open, last_received FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
         if study is None:
@@ -216,7 +216,7 @@ class Retention:
                  instance_count, result_files, size / 2**20, "; forgotten" if forgotten else "")
         return outcome
 
-    def _remove_instances(self, db: sqlite3.Connection, study_uid: str, paths: list[Path]) -> None:
+    def _remove_instances(self, db: Tx, study_uid: str, paths: list[Path]) -> None:
         for path in paths:
             self._unlink(path)
         for folder in sorted({p.parent for p in paths}, reverse=True):
@@ -236,7 +236,7 @@ class Retention:
                 files.update(p for p in folder.rglob("*") if p.is_file())
         return sorted(files)
 
-    def _remove_results(self, db: sqlite3.Connection, job_ids: list[int], paths: list[Path]) -> None:
+    def _remove_results(self, db: Tx, job_ids: list[int], paths: list[Path]) -> None:
         for path in paths:
             self._unlink(path)
         for job_id in job_ids:
@@ -286,16 +286,18 @@ def _due(days: int, age: float) -> bool:
     return days > 0 and age >= days * DAY
 
 
-def _in(db: sqlite3.Connection, sql: str, values: list[Any]) -> list[sqlite3.Row]:
+def _in(db: Tx, sql: str, values: list[Any]) -> list[Any]:
     """``sql`` with its ``IN ({})`` filled for ``values``, in chunks (SQLite's variable limit)."""
-    rows: list[sqlite3.Row] = []
+    rows: list[Any] = []
     for start in range(0, len(values), 500):
         chunk = values[start:start + 500]
-        rows.extend(db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
+        cur = db.execute(sql.format(",".join("?" * len(chunk))), chunk)
+        if sql.lstrip().upper().startswith("SELECT"):
+            rows.extend(cur.fetchall())
     return rows
 
 
-def _unfinished(db: sqlite3.Connection, study_uid: str, is_open: bool, job_ids: list[int]) -> str | None:
+def _unfinished(db: Tx, study_uid: str, is_open: bool, job_ids: list[int]) -> str | None:
     """Why the study is not finished, or ``None``."""
     if is_open or db.execute("SELECT 1 FROM instances WHERE study_uid = ? AND run_version IS NULL LIMIT 1",
                              (study_uid,)).fetchone():
@@ -318,7 +320,7 @@ def _unfinished(db: sqlite3.Connection, study_uid: str, is_open: bool, job_ids: 
     return None
 
 
-def _finished_at(db: sqlite3.Connection, study_uid: str, last_received: float, job_ids: list[int]) -> float:
+def _finished_at(db: Tx, study_uid: str, last_received: float, job_ids: list[int]) -> float:
     """The study's last activity: instance received, run, job finished, result sent, review decided."""
     times = [last_received]
     times += [r[0] for r in db.execute("SELECT MAX(created) FROM runs WHERE study_uid = ?", (study_uid,))]

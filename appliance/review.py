@@ -14,7 +14,6 @@ SEGs Portico made whose job was approved (held or retrospectively) are the label
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,26 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db import jobs, outbox, reviews
+from appliance.db.engine import Tx
 from appliance.handoff import short
 from appliance.settings import ReviewSettings
 from appliance.store import Job, JobState, OutboxState, ResultFile, Store
 
 log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS reviews (
-    job_id INTEGER PRIMARY KEY,
-    state TEXT NOT NULL,
-    held INTEGER NOT NULL,
-    created REAL NOT NULL,
-    decided_at REAL,
-    reviewer TEXT,
-    reason TEXT NOT NULL DEFAULT '',
-    via TEXT
-);
-CREATE INDEX IF NOT EXISTS reviews_state ON reviews(state);
-"""
-
 
 class ReviewState(StrEnum):
     """Where a finished job stands with review."""
@@ -130,24 +116,19 @@ class Reviews:
     def __init__(self, store: Store, settings: ReviewSettings) -> None:
         self.store = store
         self.settings = settings
-        with store.transaction() as db:
-            _create(db)
 
     # ---- holding ---------------------------------------------------------------------------------
 
-    def hold_for(self, job: Job) -> Callable[[sqlite3.Connection], None] | None:
+    def hold_for(self, job: Job) -> Callable[[Tx], None] | None:
         """What :meth:`Store.complete_job` runs to hold ``job``'s results; ``None``: not held."""
         if not self.settings.holds(job.model):
             return None
 
-        def hold(db: sqlite3.Connection) -> None:
-            cur = db.execute("INSERT OR IGNORE INTO reviews (job_id, state, held, created) VALUES (?,?,1,?)",
-                             (job.id, ReviewState.HELD, time.time()))
-            if cur.rowcount:
-                held = db.execute("SELECT COUNT(*) FROM outbox WHERE job_id = ? AND state = ?",
-                                  (job.id, OutboxState.HELD)).fetchone()[0]
-                Store.audit_in(db, AuditRecord(AuditEvent.HELD_FOR_REVIEW, job.study_uid, job.id,
-                                               detail={"model": job.model, "outbox_held": int(held)}))
+        def hold(tx: Tx) -> None:
+            if reviews.hold(tx, job.id, ReviewState.HELD, time.time()):
+                held = outbox.count(tx, job.id, OutboxState.HELD)
+                Store.audit_in(tx, AuditRecord(AuditEvent.HELD_FOR_REVIEW, job.study_uid, job.id,
+                                               detail={"model": job.model, "outbox_held": held}))
         return hold
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -163,18 +144,18 @@ class Reviews:
         job = self.store.job(job_id)
         if job is None:
             raise ReviewNotFound(f"no job {job_id}")
-        rows = self.store.query("SELECT * FROM reviews WHERE job_id = ?", (job_id,))
-        outbox = Counter(str(r["state"]) for r in self.store.query("SELECT state FROM outbox WHERE job_id = ?",
-                                                                    (job_id,)))
-        return _review(job, rows[0] if rows else None, tuple(self.store.results(job_id)), dict(outbox))
+        with self.store.reading() as tx:
+            row = reviews.get(tx, job_id)
+            states = Counter(outbox.states_of_job(tx, job_id))
+        return _review(job, row, tuple(self.store.results(job_id)), dict(states))
 
     def find(self, state: ReviewState | None = ReviewState.HELD) -> list[Review]:
         """Finished jobs in review ``state`` (``None``: every finished job and every reviewed one), oldest first.
 
         Results and outbox counts are left out; :meth:`get` has them.
         """
-        rows = self.store.query("SELECT j.id, v.* FROM jobs j LEFT JOIN reviews v ON v.job_id = j.id "
-                                "WHERE j.state = ? OR v.job_id IS NOT NULL ORDER BY j.id", (JobState.DONE,))
+        with self.store.reading() as tx:
+            rows = reviews.of_finished_jobs(tx, JobState.DONE)
         out = []
         for r in rows:
             found = ReviewState(r["state"]) if r["job_id"] is not None else ReviewState.UNREVIEWED
@@ -220,30 +201,28 @@ class Reviews:
             raise ValueError("a decision needs the reviewer's name")
         state = ReviewState.APPROVED if decision is Decision.APPROVE else ReviewState.REJECTED
         now = time.time()
-        with self.store.transaction() as db:
-            job = db.execute("SELECT study_uid, model, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.store.transaction() as tx:
+            job = jobs.get(tx, job_id)
             if job is None:
                 raise ReviewNotFound(f"no job {job_id}")
-            row = db.execute("SELECT * FROM reviews WHERE job_id = ?", (job_id,)).fetchone()
+            row = reviews.get(tx, job_id)
             if row is not None and row["state"] != ReviewState.HELD:
                 raise ReviewConflict(f"job {job_id} was already {str(row['state']).lower()} by {row['reviewer']}")
             if row is None:
-                if job["state"] != JobState.DONE:
-                    raise ReviewConflict(f"job {job_id} has no results to review (it is {job['state']})")
+                if job.state != JobState.DONE:
+                    raise ReviewConflict(f"job {job_id} has no results to review (it is {job.state})")
                 if not retrospective:
                     raise ReviewConflict(
                         f"job {job_id} was not held for review: its results were released when it finished. "
                         "Review it retrospectively (--retrospective) to approve it as a training label or "
                         "keep it out of training")
-                db.execute("INSERT INTO reviews (job_id, state, held, created) VALUES (?,?,0,?)",
-                           (job_id, ReviewState.HELD, now))
+                reviews.start_retrospective(tx, job_id, ReviewState.HELD, now)
             held = row is not None
-            released, cancelled, sent = self._apply(db, job_id, decision, held)
-            db.execute("UPDATE reviews SET state = ?, decided_at = ?, reviewer = ?, reason = ?, via = ? "
-                       "WHERE job_id = ?", (state, now, reviewer, reason, via, job_id))
+            released, cancelled, sent = self._apply(tx, job_id, decision, held)
+            reviews.decide(tx, job_id, state, now, reviewer, reason, via)
             outcome = Outcome(job_id, state, held, released, cancelled, sent)
-            Store.audit_in(db, AuditRecord(AuditEvent.REVIEWED, job["study_uid"], job_id, actor=reviewer, detail={
-                "decision": str(decision), "reason": reason, "held": held, "via": via, "model": job["model"],
+            Store.audit_in(tx, AuditRecord(AuditEvent.REVIEWED, job.study_uid, job_id, actor=reviewer, detail={
+                "decision": str(decision), "reason": reason, "held": held, "via": via, "model": job.model,
                 "released": outcome.released, "cancelled": outcome.cancelled,
                 "already_sent": outcome.already_sent}))
         log.info("job %d %s in review by %s (%s): %d released, %d cancelled", job_id, state.lower(), reviewer,
@@ -251,29 +230,21 @@ class Reviews:
         return outcome
 
     @staticmethod
-    def _apply(db: sqlite3.Connection, job_id: int, decision: Decision, held: bool) -> tuple[int, int, int]:
+    def _apply(tx: Tx, job_id: int, decision: Decision, held: bool) -> tuple[int, int, int]:
         """Release or cancel the job's outbox rows; (released, cancelled, already sent)."""
-        sent = int(db.execute("SELECT COUNT(*) FROM outbox WHERE job_id = ? AND state = ?",
-                              (job_id, OutboxState.SENT)).fetchone()[0])
+        sent = outbox.count(tx, job_id, OutboxState.SENT)
         if decision is Decision.APPROVE:
-            cur = db.execute("UPDATE outbox SET state = ?, next_attempt_at = 0 WHERE job_id = ? AND state = ?",
-                             (OutboxState.PENDING, job_id, OutboxState.HELD))
-            return cur.rowcount, 0, sent
+            return outbox.release(tx, job_id), 0, sent
         # not held: what is still waiting to go is stopped too; what went stays sent
         waiting = (OutboxState.HELD,) if held else (OutboxState.HELD, OutboxState.PENDING)
-        cur = db.execute(f"UPDATE outbox SET state = ?, last_error = ? WHERE job_id = ? AND state IN "
-                         f"({','.join('?' * len(waiting))})",
-                         (OutboxState.CANCELLED, "rejected in review", job_id, *waiting))
-        return 0, cur.rowcount, sent
+        return 0, outbox.cancel(tx, job_id, waiting, "rejected in review"), sent
 
     # ---- labels ----------------------------------------------------------------------------------
 
     def approved_segs(self) -> list[LabelSeg]:
         """Portico's SEGs whose job was approved: the latest approved job's per (study, series)."""
-        rows = self.store.query(
-            "SELECT j.study_uid, j.series_uid, j.id, r.path FROM results r JOIN jobs j ON j.id = r.job_id "
-            "JOIN reviews v ON v.job_id = j.id WHERE r.kind = 'seg' AND v.state = ? ORDER BY j.id",
-            (ReviewState.APPROVED,))
+        with self.store.reading() as tx:
+            rows = reviews.approved_segs(tx, ReviewState.APPROVED)
         latest: dict[tuple[str, str], LabelSeg] = {}
         for r in rows:
             latest[(r["study_uid"], r["series_uid"])] = LabelSeg(r["study_uid"], r["series_uid"], int(r["id"]),
@@ -281,13 +252,7 @@ class Reviews:
         return [s for s in latest.values() if s.path.is_file()]
 
 
-def _create(db: sqlite3.Connection) -> None:
-    # statement by statement: executescript() would commit the transaction it runs in
-    for statement in filter(str.strip, SCHEMA.split(";")):
-        db.execute(statement)
-
-
-def _review(job: Job, row: sqlite3.Row | None, results: tuple[ResultFile, ...] = (),
+def _review(job: Job, row: Any, results: tuple[ResultFile, ...] = (),
             outbox: dict[str, int] | None = None) -> Review:
     if row is None:
         return Review(job, ReviewState.UNREVIEWED, held=False, results=results, outbox=outbox or {})

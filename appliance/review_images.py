@@ -5,8 +5,9 @@ series, exactly as the Secondary Capture key images are drawn: CT windowed, each
 outlined in its manifest colour, a banner and a legend with the run's measurements. The PNGs are kept
 beside the job's results (``job-N/review/``), so a second look costs a file read.
 
-A FRACTIONAL SEG has no label map to read back; its job has no review images (the viewer link still
-opens it).
+A FRACTIONAL SEG is drawn as the label map its probabilities make: each voxel the most probable of
+the segments and the background (:func:`inference.results.summary.labels_from_seg`), the map the run's
+measurements come from, so the reviewer approves what the SR reports.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ KEY_SLICES = 3
 
 
 class ReviewImagesUnavailable(Exception):
-    """The job has no images to show (no SEG, a FRACTIONAL SEG, source or model gone); value-free."""
+    """The job has no images to show (no or an unreadable SEG, source or model gone); value-free."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,10 @@ def key_images(store: Store, registry: ModelRegistry, job: Job) -> list[KeyImage
         seg = pydicom.dcmread(segs[0].path)
         volume = load_series(paths)
         labels = labels_from_seg(seg, volume, manifest)
-    except Exception as exc:  # unreadable files, a FRACTIONAL SEG, a SEG that does not fit the series
+    except Exception as exc:  # unreadable files, a SEG that does not fit the series
         log.warning("job %d: no review images: %s", job.id, type(exc).__name__)
         raise ReviewImagesUnavailable(f"job {job.id}'s SEG cannot be shown as a label map "
-                                      "(FRACTIONAL, or it does not match the stored series)") from None
+                                      "(unreadable, or it does not match the stored series)") from None
     measurements = [SegmentMeasurement(**m) for r in results if r.kind == "sr"
                     for m in r.detail.get("measurements", [])]
     folder.mkdir(parents=True, exist_ok=True)

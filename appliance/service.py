@@ -1,4 +1,8 @@
-"""``portico serve``: the SCP, the hand-off loop, the job runner and the dispatcher, in one process."""
+"""``portico serve``: the SCP, the hand-off loop, the job runner and the dispatcher, in one process.
+
+The same program runs one role per process or machine (``portico receive|work|dispatch``) over one shared
+database (PostgreSQL) and one file store (a shared POSIX path): :class:`Role` says what each starts.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 from types import FrameType
 
 from appliance.api.app import create_app
@@ -14,7 +19,9 @@ from appliance.atna_sender import AuditForwarder
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.fl import build_supervisor
 from appliance.handoff import HandOff
+from appliance.health import Readiness
 from appliance.jobs import JobRunner
+from appliance.metrics import Ingest, MeteredOutbox, MeteredSink, Metrics, StateCollector
 from appliance.models import ModelRegistry
 from appliance.retention import Retention, fl_cohort_studies
 from appliance.settings import Settings
@@ -23,30 +30,57 @@ from dicom_router.dispatch import Dispatcher
 from dicom_router.edge import RefusalCount
 from dicom_router.rules import load_rules
 from dicom_router.scp import StorageSCP
-from fl_client.errors import NotEnrolledError
+from fl_client.errors import BoxError, NotEnrolledError
 from inference.runtime.onnxruntime import SessionCache
 
 log = logging.getLogger(__name__)
 
 
-class Service:
-    """Everything ``portico serve`` runs. ``start()`` returns once the SCP is listening."""
+class Role(StrEnum):
+    """What one process of a site runs; ``portico serve`` runs them all."""
 
-    def __init__(self, settings: Settings) -> None:
+    #: the C-STORE SCP and STOW-RS (several receivers may share one address), completeness and routing
+    RECEIVE = "receive"
+    #: inference workers claiming jobs with leases (one process per GPU or machine)
+    WORK = "work"
+    #: the outbox to every destination, ATNA forwarding and retention: run exactly one per site
+    DISPATCH = "dispatch"
+
+
+ALL_ROLES = frozenset(Role)
+
+
+class Service:
+    """Everything ``portico serve`` runs (or the ``roles`` given). ``start()`` returns once the SCP listens."""
+
+    def __init__(self, settings: Settings, roles: frozenset[Role] = ALL_ROLES) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir, fsync=settings.storage.fsync,
-                           min_free_mb=settings.storage.min_free_mb)
+        self.roles = roles
+        self.store = Store.from_settings(settings, min_free_mb=settings.storage.min_free_mb)
         self.rules = load_rules(settings.rules_path)
         self.registry = ModelRegistry.from_settings(settings, audit=self.store.record)
         self.sessions = SessionCache(settings.inference.max_sessions, settings.inference.session_memory_mb * 2**20,
                                      intra_op_threads=settings.inference.intra_op_threads,
                                      cpu_memory_arena=settings.inference.cpu_memory_arena)
-        self.handoff = HandOff(self.store, settings.router, self.rules)
-        self.runner = JobRunner(settings, self.store, self.registry, self.sessions)
-        self.dispatcher = Dispatcher(settings.dispatch, self.store, settings.router.ae_title, tls=settings.router.tls,
+        self.metrics = Metrics()
+        destinations = [d.name for d in settings.dispatch.destinations]
+        self.metrics.known_destinations(destinations)
+        self.handoff = HandOff(self.store, settings.router, self.rules, self.metrics)
+        self.runner = JobRunner(settings, self.store, self.registry, self.sessions, self.metrics,
+                                lease_seconds=settings.jobs.lease_seconds)
+        self.dispatcher = Dispatcher(settings.dispatch, MeteredOutbox(self.store, self.metrics),
+                                     settings.router.ae_title, tls=settings.router.tls,
                                      event_driven=settings.router.event_driven)
-        self.scp = StorageSCP(settings.router, self.store, report_refusals=self._audit_refusals)
-        self.fl = build_supervisor(settings, self.store) if settings.fl.enabled else None
+        self.scp = StorageSCP(settings.router, MeteredSink(self.store, self.metrics, Ingest.DIMSE),
+                              report_refusals=self._audit_refusals, observe=self.metrics.association)
+        min_free = settings.storage.min_free_mb * 2**20
+        self.metrics.watch(StateCollector(self.store, settings.data_dir, min_free, destinations, self.sessions,
+                                          lambda: self.scp.gate.associations))
+        listening: dict[str, Callable[[], bool]] = {"scp": lambda: self.scp.is_running} \
+            if Role.RECEIVE in roles else {}
+        self.readiness = Readiness(self.store, settings.data_dir, min_free, listening)
+        # the FL client trains beside the whole appliance; a site split into roles runs `portico fl run` apart
+        self.fl = build_supervisor(settings, self.store) if settings.fl.enabled and roles == ALL_ROLES else None
         self.audit_forwarder = AuditForwarder(self.store, settings.audit, settings.router.ae_title)
         self.retention = Retention(self.store, settings.storage.retention, protected=fl_cohort_studies(settings))
         self._stop = threading.Event()
@@ -56,29 +90,42 @@ class Service:
         self.api = ApiServer(settings, create_app(settings, self.store, self)) if settings.api.enabled else None
 
     def start(self) -> None:
-        self.audit_forwarder.start()  # first: every audit row from here on is queued for ATNA
-        recovered = self.store.reindex()
-        if recovered:
-            log.warning("re-indexed %d instance file(s) the index had lost", recovered)
-        resumed = self.store.resume_interrupted()
-        self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "start", "jobs_resumed": resumed}))
+        if Role.DISPATCH in self.roles:
+            self.audit_forwarder.start()  # first: every audit row from here on is queued for ATNA
+        if Role.RECEIVE in self.roles:
+            recovered = self.store.reindex()
+            if recovered:
+                log.warning("re-indexed %d instance file(s) the index had lost", recovered)
+        resumed = self.store.resume_interrupted() if Role.WORK in self.roles else 0
+        self.store.record(AuditRecord(AuditEvent.SERVICE, detail={
+            "action": "start", "jobs_resumed": resumed, "roles": sorted(self.roles)}))
         if resumed:
             log.info("resumed %d interrupted job(s)", resumed)
-        self.scp.start()
-        self._spawn("handoff", self._handoff_loop)
-        for n in range(self.settings.inference.workers):
-            self._spawn(f"jobs-{n}", self._job_loop)
-        self._spawn("dispatch", self._dispatch_loop)
-        if self.settings.storage.retention.interval_minutes > 0:
-            self._spawn("retention", self._retention_loop)
+        if Role.RECEIVE in self.roles:
+            self.scp.start()
+            self._spawn("handoff", self._handoff_loop)
+        if Role.WORK in self.roles:
+            for n in range(self.settings.inference.workers):
+                self._spawn(f"jobs-{n}", self._job_loop)
+            self._spawn("leases", self._lease_loop)
+        if Role.DISPATCH in self.roles:
+            self._spawn("dispatch", self._dispatch_loop)
+            if self.settings.storage.retention.interval_minutes > 0:
+                self._spawn("retention", self._retention_loop)
         if self.fl is not None:
             try:
                 self.fl.start()
             except NotEnrolledError as exc:
                 log.warning("federated learning is enabled but this site is not enrolled: %s", exc)
                 self.fl = None
-        log.info("listening as %s on %s:%d", self.settings.router.ae_title, self.settings.router.bind_host,
-                 self.settings.router.port)
+            except BoxError as exc:  # imaging goes on; the FL client does not start outside its box
+                log.error("federated learning not started: %s", exc)
+                self.fl = None
+        if Role.RECEIVE in self.roles:
+            log.info("listening as %s on %s:%d", self.settings.router.ae_title, self.settings.router.bind_host,
+                     self.settings.router.port)
+        if self.roles != ALL_ROLES:
+            log.info("running as %s", " + ".join(sorted(self.roles)))
         if self.api is not None:
             try:
                 self.api.start()
@@ -120,6 +167,12 @@ class Service:
         self._wake_jobs.wait(0.5)
         self._wake_jobs.clear()
 
+    def _lease_loop(self) -> None:
+        """Take back jobs whose worker died (its lease ran out), on whichever machine it ran."""
+        self._stop.wait(self.settings.jobs.lease_seconds / 2)
+        if not self._stop.is_set() and self.store.resume_interrupted():
+            self._wake_jobs.set()
+
     def _retention_loop(self) -> None:
         try:
             self.retention.purge()
@@ -138,13 +191,15 @@ class Service:
         self._stop.set()
         self._wake_jobs.set()
         self._wake_dispatch.set()
-        self.scp.stop()
+        if Role.RECEIVE in self.roles:
+            self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)
         if self.fl is not None:
             self.fl.stop()
         self.store.record(AuditRecord(AuditEvent.SERVICE, detail={"action": "stop"}))
-        self.audit_forwarder.stop()
+        if Role.DISPATCH in self.roles:
+            self.audit_forwarder.stop()
         self.store.close()
 
     def wait(self) -> None:

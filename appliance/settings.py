@@ -59,6 +59,10 @@ class StorageSettings(BaseModel):
     min_free_mb: Annotated[int, Field(ge=0)] = 512
     #: fsync every received instance before acknowledging it
     fsync: bool = True
+    #: the index: ``sqlite`` (a file in data_dir, the default), ``sqlite:///PATH``, or a PostgreSQL URL
+    #: (``postgresql://portico@db.example/portico``, psycopg 3; the password from ``~/.pgpass`` or
+    #: ``PGPASSWORD``, not in this file) shared by several machines running Portico's roles
+    database: Annotated[str, Field(pattern=r"^(sqlite|sqlite:///.+|postgres(ql)?://.+)$")] = "sqlite"
     #: what is purged, and when
     retention: RetentionSettings = RetentionSettings()
 
@@ -111,6 +115,49 @@ class LockoutSettings(BaseModel):
         return self
 
 
+class MetricsSettings(BaseModel):
+    """Who may scrape ``GET /metrics`` (Prometheus): counts, timings and destination names, never patient data.
+
+    A scrape is answered when it comes from one of ``hosts`` and, when ``token`` is set, carries it as
+    ``Authorization: Bearer`` (Prometheus: ``authorization: {credentials_file: …}``). By default only
+    this machine may scrape, without a token. A scraper beyond this machine needs a token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    #: client addresses or networks allowed to scrape (as the API sees them: behind a declared TLS proxy, the
+    #: forwarded address)
+    hosts: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: the bearer token a scrape must carry; none: the address alone decides (loopback only in production)
+    token: SecretStr | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or network") from None
+        return value
+
+    def allows(self, address: str) -> bool:
+        """Whether a scrape from ``address`` may be answered (the token is checked apart)."""
+        try:
+            client = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
+            client = client.ipv4_mapped
+        return any(client in ipaddress.ip_network(host, strict=False) for host in self.hosts)
+
+    @property
+    def beyond_loopback(self) -> bool:
+        """Whether any of ``hosts`` is beyond this machine."""
+        return any(not ipaddress.ip_network(host, strict=False).is_loopback for host in self.hosts)
+
+
 class ApiSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -129,6 +176,8 @@ class ApiSettings(BaseModel):
     behind_tls_proxy: bool = False
     #: the proxy's addresses (IPs or networks); required with ``behind_tls_proxy``
     proxy_addresses: tuple[str, ...] = ()
+    #: ``GET /metrics`` for Prometheus
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("proxy_addresses")
     @classmethod
@@ -164,6 +213,9 @@ class JobSettings(BaseModel):
 
     max_attempts: Annotated[int, Field(ge=1)] = 3
     retry_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: a claimed job is its worker's for this long without a heartbeat (renewed every third of it); a
+    #: worker that dies loses its jobs to the others after at most this, or at once when it ran on this host
+    lease_seconds: Annotated[float, Field(ge=3)] = 60.0
 
 
 class ReviewSettings(BaseModel):
@@ -296,6 +348,14 @@ class Settings(BaseSettings):
             raise ValueError("router.stow_senders: every sender needs its own name and its own token")
         if self.api.token is not None and self.api.token.get_secret_value() in tokens:
             raise ValueError("router.stow_senders: a sender's token must differ from api.token")
+        metrics = self.api.metrics
+        if self.mode is Mode.PRODUCTION and metrics.enabled:
+            if metrics.token is not None and is_placeholder(metrics.token):
+                raise ValueError("api.metrics.token is a placeholder; set a real secret")
+            if metrics.token is None and metrics.beyond_loopback:
+                raise ValueError("api.metrics.hosts reaches beyond this machine: set api.metrics.token too")
+        if metrics.token is not None and metrics.token.get_secret_value() in tokens:
+            raise ValueError("api.metrics.token must differ from every STOW-RS sender's token")
         return self
 
     @model_validator(mode="after")

@@ -1,23 +1,21 @@
-"""The appliance's durable state: instances on disk plus one SQLite (WAL) index of everything.
+"""The appliance's durable state: instances on disk plus one database index of everything.
 
 Implements :class:`dicom_router.ports.InstanceSink` and :class:`dicom_router.ports.Outbox`. Every
-hand-off is a transaction, so a crash at any point leaves a state that a restart resumes from.
+hand-off is a transaction, so a crash at any point leaves a state that a restart resumes from. The SQL is
+in the repositories of :mod:`appliance.db` (one module per table group); this class decides what goes
+into one transaction, and audits it there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sqlite3
-import threading
+import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,86 +23,68 @@ from pydicom import dcmread
 
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db import instances, jobs, outbox, studies
+from appliance.db.engine import Database, SQLiteDatabase, Tx, open_database
+from appliance.db.jobs import Job, JobState, ResultFile
+from appliance.db.migrations import upgrade
+from appliance.db.outbox import OutboxState
+from appliance.db.studies import OpenStudy, Run
 from appliance.durable import move_durably, remove_stale_temporaries, write_durably
-from appliance.file_modes import create_private, make_private_dirs
-from appliance.store_schema import SCHEMA
+from appliance.file_modes import make_private_dirs
 from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.uids import is_valid_uid
+
+__all__ = ["Job", "JobState", "LeaseLost", "OpenStudy", "OutboxState", "ResultFile", "Run", "Store", "worker_name"]
 
 log = logging.getLogger(__name__)
 
 #: a spool file this old belongs to no request any more (a crash mid-request left it)
 STALE_SPOOL_SECONDS = 24 * 3600
+#: how long a claimed job is a worker's without a heartbeat
+LEASE_SECONDS = 60.0
 
 
-
-class JobState(StrEnum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    DONE = "DONE"
-    FAILED = "FAILED"
+#: tells this process from an earlier one with the same pid (a restarted container's process 1)
+_INCARNATION = uuid.uuid4().hex[:8]
 
 
-class OutboxState(StrEnum):
-    PENDING = "PENDING"
-    SENT = "SENT"
-    FAILED = "FAILED"
-    #: waiting for a reviewer (appliance.review): never due until approved
-    HELD = "HELD"
-    #: rejected in review: never sent
-    CANCELLED = "CANCELLED"
+def worker_name() -> str:
+    """This process as a lease owner: ``host:pid:incarnation``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
 
 
-@dataclass(frozen=True)
-class OpenStudy:
-    study_uid: str
-    calling_ae: str
-    last_received: float
-    received_count: int
-    expected_count: int | None
+def _owner_gone(owner: str | None) -> bool:
+    """Whether ``owner`` was a process on this host that is no longer running."""
+    parts = (owner or "").rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    host, pid, incarnation = parts
+    if host != socket.gethostname():
+        return False  # another machine's: only its lease's expiry tells
+    if int(pid) == os.getpid():
+        return incarnation != _INCARNATION
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
-@dataclass(frozen=True)
-class Run:
-    study_uid: str
-    version: int
-    reason: str
-    instance_count: int
-    last_received: float
-    created: float
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    study_uid: str
-    run_version: int
-    rule: str
-    model: str
-    model_version: str | None
-    series_uid: str
-    content_key: str
-    state: JobState
-    attempts: int
-    error: str | None
-    provider: str | None
-    timings: dict[str, float]
-    updated: float
-
-
-@dataclass(frozen=True)
-class ResultFile:
-    sop_instance_uid: str
-    kind: str
-    sop_class_uid: str
-    path: Path
-    detail: dict[str, Any]
+class LeaseLost(RuntimeError):
+    """A worker's job was taken back (its lease ran out); what it made is not recorded, another run is."""
 
 
 class Store:
-    """SQLite index + file tree under ``data_dir``. Thread-safe; one connection guarded by a lock."""
+    """The database index + file tree under ``data_dir``. Thread-safe.
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0) -> None:
+    ``database``: the :mod:`appliance.db` database to index into (default: SQLite in ``data_dir``); it is
+    migrated to the current schema here, after a backup copy when it holds data.
+    """
+
+    def __init__(self, data_dir: Path, *, fsync: bool = True, min_free_mb: int = 0,
+                 database: Database | str | None = None) -> None:
         self.data_dir = data_dir
         self.instances_dir = data_dir / "instances"
         self.results_dir = data_dir / "results"
@@ -116,70 +96,59 @@ class Store:
         _sweep_stale(self.spool_dir)
         self.fsync = fsync
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        self._lock = threading.RLock()
-        # owner-only before SQLite opens it: its -wal and -shm files take the database file's mode
-        create_private(data_dir / "portico.sqlite3")
-        self._db = sqlite3.connect(data_dir / "portico.sqlite3", check_same_thread=False,
-                                   isolation_level=None, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit survives a killed process but may be lost with power; the instance file itself
-        # is fsync'd before the index row, and reindex() restores rows for files the index lost, so the
-        # acknowledged file is the truth and one fsync per instance is saved
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        if audit_chain.needs_upgrade(self._db):  # a database from before the audit chain is chained once, here
-            with self._tx() as db:
-                audit_chain.upgrade(db)
+        self.db = database if isinstance(database, Database) else open_database(database, data_dir)
+        upgrade(self.db, backup_dir=data_dir / "backups")
+        with self.reading() as tx:  # a lost chain head is rebuilt (and said) at every start, not only once
+            repair = audit_chain.needs_upgrade(tx)
+        if repair:
+            with self.transaction() as tx:
+                audit_chain.upgrade(tx)
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, fsync: bool | None = None, min_free_mb: int = 0) -> Store:
+        """The store ``settings`` (:class:`appliance.settings.Settings`) describe."""
+        return cls(settings.data_dir, fsync=settings.storage.fsync if fsync is None else fsync,
+                   min_free_mb=min_free_mb, database=settings.storage.database)
+
+    @property
+    def database_file(self) -> Path | None:
+        """The SQLite file, when the database is one."""
+        return self.db.path if isinstance(self.db, SQLiteDatabase) else None
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def transaction(self, *, durable: bool = False) -> Iterator[Tx]:
+        """A write transaction for appliance modules whose repositories join the store's (review, accounts)."""
+        with self.db.transaction(durable=durable) as tx:
+            yield tx
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, params))
-
-    # for appliance modules that keep their own tables in this database (appliance.review)
-    transaction = _tx
-    query = _query
+    @contextmanager
+    def reading(self) -> Iterator[Tx]:
+        with self.db.reading() as tx:
+            yield tx
 
     # ---- audit -------------------------------------------------------------------------------
 
     @staticmethod
-    def audit_in(db: sqlite3.Connection, rec: AuditRecord) -> None:
+    def audit_in(tx: Tx, rec: AuditRecord) -> None:
         """Append ``rec`` to the audit chain inside the caller's write transaction (:meth:`transaction`).
 
         The row, the chain's new head and the row's ATNA queue entry commit together or not at all.
         """
-        audit_chain.append(db, rec)
+        audit_chain.append(tx, rec)
 
     _audit = audit_in
 
     def record(self, rec: AuditRecord) -> None:
-        with self._tx() as db:
-            self._audit(db, rec)
+        with self.transaction() as tx:
+            self._audit(tx, rec)
 
     def audit_events(self, study_uid: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Audit rows, oldest first: all of them, or the ``limit`` most recent (of ``study_uid``, if given)."""
-        where, params = ("WHERE study_uid = ?", (study_uid,)) if study_uid else ("", ())
-        sql = f"SELECT * FROM audit {where} ORDER BY id"
-        if limit is not None:  # the newest rows, without reading the whole (append-only, growing) table
-            sql = f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) ORDER BY id"
-            params = (*params, limit)
-        return [{"ts": r["ts"], "event": r["event"], "study_uid": r["study_uid"], "job_id": r["job_id"],
-                 "actor": r["actor"], "detail": json.loads(r["detail"])} for r in self._query(sql, params)]
+        with self.reading() as tx:
+            return audit_chain.events(tx, study_uid=study_uid, limit=limit)
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
@@ -213,11 +182,14 @@ class Store:
         for uid in (instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid):
             if not is_valid_uid(uid):
                 raise ValueError("invalid UID in dataset")
-        if self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
+        with self.reading() as tx:
+            held = instances.held(tx, instance.sop_instance_uid)
+            echoed = not held and jobs.is_result(tx, instance.sop_instance_uid)
+        if held:
             self.record(AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
                                     detail={"sop_instance_uid": instance.sop_instance_uid}))
             return StoreOutcome.DUPLICATE
-        if self._query("SELECT 1 FROM results WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)):
+        if echoed:
             return self._own_result_echoed(instance)
         return None
 
@@ -225,25 +197,14 @@ class Store:
         folder = self.instances_dir / instance.study_instance_uid / instance.series_instance_uid
         return folder / f"{instance.sop_instance_uid}.dcm"
 
-    def _index(self, instance: ReceivedInstance, path: Path, size: int) -> StoreOutcome:
+    def _index(self, instance: ReceivedInstance, path: Path, size: int, *, actor: str | None = None) -> StoreOutcome:
         now = time.time()
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, "
-                "transfer_syntax, path, size, received_at) VALUES (?,?,?,?,?,?,?,?)",
-                (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid,
-                 instance.sop_class_uid, instance.transfer_syntax_uid, str(path), size, now),
-            )
-            if cur.rowcount == 0:
+        with self.transaction() as tx:
+            if not instances.add(tx, instance, path, size, now):
                 return StoreOutcome.DUPLICATE
-            db.execute(
-                "INSERT INTO studies (study_uid, calling_ae, first_received, last_received, received_count) "
-                "VALUES (?,?,?,?,1) ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received,"
-                " received_count=received_count+1, open=1",
-                (instance.study_instance_uid, instance.calling_ae_title, now, now),
-            )
-            self._audit(db, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid,
-                                        actor=instance.calling_ae_title,
+            studies.count_instance(tx, instance.study_instance_uid, instance.calling_ae_title, now)
+            self._audit(tx, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid,
+                                        actor=actor or instance.calling_ae_title,
                                         detail={"sop_instance_uid": instance.sop_instance_uid,
                                                 "series_uid": instance.series_instance_uid,
                                                 "sop_class_uid": instance.sop_class_uid}))
@@ -255,10 +216,9 @@ class Store:
         It is not indexed and does not reopen the study, so it can never start a run (no loops); it is
         counted, because the PACS counts it in NumberOfStudyRelatedInstances.
         """
-        with self._tx() as db:
-            db.execute("UPDATE studies SET received_count = received_count + 1 WHERE study_uid = ?",
-                       (instance.study_instance_uid,))
-            self._audit(db, AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
+        with self.transaction() as tx:
+            studies.count_echo(tx, instance.study_instance_uid)
+            self._audit(tx, AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
                                         actor=instance.calling_ae_title,
                                         detail={"sop_instance_uid": instance.sop_instance_uid, "own_result": True}))
         return StoreOutcome.DUPLICATE
@@ -277,7 +237,8 @@ class Store:
         leftovers = sum(remove_stale_temporaries(folder) for folder in (self.instances_dir, self.results_dir))
         if leftovers:
             log.warning("removed %d temporary file(s) left by an interrupted write", leftovers)
-        indexed = {r["path"] for r in self._query("SELECT path FROM instances")}
+        with self.reading() as tx:
+            indexed = instances.indexed_paths(tx)
         recovered = 0
         for path in sorted(self.instances_dir.glob("*/*/*.dcm")):
             if str(path) in indexed:
@@ -290,22 +251,8 @@ class Store:
             except Exception:  # a file we cannot read is left where it is, and said so
                 log.warning("unreadable instance file left out of the index: %s", path.name)
                 continue
-            now = time.time()
-            with self._tx() as db:
-                db.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, "
-                    "transfer_syntax, path, size, received_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid,
-                     instance.sop_class_uid, instance.transfer_syntax_uid, str(path), path.stat().st_size, now))
-                db.execute(
-                    "INSERT INTO studies (study_uid, calling_ae, first_received, last_received, received_count) "
-                    "VALUES (?,?,?,?,1) ON CONFLICT(study_uid) DO UPDATE SET "
-                    "last_received=excluded.last_received, received_count=received_count+1, open=1",
-                    (instance.study_instance_uid, instance.calling_ae_title, now, now))
-                self._audit(db, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid, actor="recovered",
-                                            detail={"sop_instance_uid": instance.sop_instance_uid,
-                                                    "series_uid": instance.series_instance_uid}))
-            recovered += 1
+            if self._index(instance, path, path.stat().st_size, actor="recovered") is StoreOutcome.STORED:
+                recovered += 1
         return recovered
 
     def quarantine(self, data: bytes, reason: str, calling_ae_title: str, peer_address: str) -> str:
@@ -322,107 +269,88 @@ class Store:
         return self._quarantined(qid, target, reason, calling_ae_title, peer_address)
 
     def _quarantined(self, qid: str, path: Path, reason: str, calling_ae_title: str, peer_address: str) -> str:
-        with self._tx() as db:
-            db.execute("INSERT INTO quarantine (id, ts, reason, calling_ae, peer, path) VALUES (?,?,?,?,?,?)",
-                       (qid, time.time(), reason, calling_ae_title, peer_address, str(path)))
-            self._audit(db, AuditRecord(AuditEvent.QUARANTINED, actor=calling_ae_title,
+        with self.transaction() as tx:
+            instances.quarantine(tx, qid, path, reason, calling_ae_title, peer_address)
+            self._audit(tx, AuditRecord(AuditEvent.QUARANTINED, actor=calling_ae_title,
                                         detail={"quarantine_id": qid, "reason": reason}))
         return qid
 
     def quarantined(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._query("SELECT * FROM quarantine ORDER BY ts")]
+        with self.reading() as tx:
+            return instances.quarantined(tx)
 
     # ---- studies and runs --------------------------------------------------------------------
 
     def open_studies(self) -> list[OpenStudy]:
-        rows = self._query("SELECT study_uid, calling_ae, last_received, received_count, expected_count "
-                           "FROM studies WHERE open = 1")
-        return [OpenStudy(r["study_uid"], r["calling_ae"], r["last_received"], r["received_count"],
-                          r["expected_count"]) for r in rows]
+        with self.reading() as tx:
+            return studies.open_studies(tx)
 
     def set_expected_count(self, study_uid: str, expected: int | None) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE studies SET expected_count = ? WHERE study_uid = ?", (expected, study_uid))
+        with self.transaction() as tx:
+            studies.set_expected_count(tx, study_uid, expected)
 
     def hand_off(self, study_uid: str, reason: str) -> Run | None:
-        """Close the study's open instances into a new run version; ``None`` if nothing is new."""
-        with self._tx() as db:
-            row = db.execute("SELECT run_version, last_received, received_count FROM studies "
-                             "WHERE study_uid = ?", (study_uid,)).fetchone()
+        """Close the study's open instances into a new run version; ``None`` if nothing is new.
+
+        Safe from several receivers at once: the study's row is locked, so a study is handed off once.
+        """
+        with self.transaction() as tx:
+            row = studies.locked(tx, study_uid)
             if row is None:
                 return None
-            fresh = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ? AND run_version IS NULL",
-                               (study_uid,)).fetchone()[0]
-            if fresh == 0:
-                db.execute("UPDATE studies SET open = 0 WHERE study_uid = ?", (study_uid,))
+            if instances.unassigned_count(tx, study_uid) == 0:
+                studies.close(tx, study_uid)
                 return None
             version = int(row["run_version"]) + 1
-            db.execute("UPDATE instances SET run_version = ? WHERE study_uid = ? AND run_version IS NULL",
-                       (version, study_uid))
-            # the PACS's count is asked afresh for the next run: it may hold more by then
-            db.execute("UPDATE studies SET run_version = ?, open = 0, expected_count = NULL WHERE study_uid = ?",
-                       (version, study_uid))
+            instances.assign_run(tx, study_uid, version)
             run = Run(study_uid, version, reason, int(row["received_count"]), float(row["last_received"]),
                       time.time())
-            db.execute("INSERT INTO runs (study_uid, version, created, reason, instance_count, last_received) "
-                       "VALUES (?,?,?,?,?,?)", (study_uid, version, run.created, reason, run.instance_count,
-                                                run.last_received))
-            self._audit(db, AuditRecord(AuditEvent.STUDY_COMPLETE, study_uid,
+            studies.start_run(tx, run)
+            self._audit(tx, AuditRecord(AuditEvent.STUDY_COMPLETE, study_uid,
                                         detail={"run_version": version, "reason": reason,
                                                 "instances": run.instance_count}))
         return run
 
     def unrouted_runs(self) -> list[Run]:
-        return [self._run(r) for r in self._query("SELECT * FROM runs WHERE routed = 0 ORDER BY created")]
-
-    @staticmethod
-    def _run(r: sqlite3.Row) -> Run:
-        return Run(r["study_uid"], r["version"], r["reason"], r["instance_count"], r["last_received"], r["created"])
+        with self.reading() as tx:
+            return studies.unrouted(tx)
 
     def run(self, study_uid: str, version: int) -> Run | None:
-        rows = self._query("SELECT * FROM runs WHERE study_uid = ? AND version = ?", (study_uid, version))
-        return self._run(rows[0]) if rows else None
+        with self.reading() as tx:
+            return studies.run(tx, study_uid, version)
 
     def series_of(self, study_uid: str, up_to_version: int) -> dict[str, list[Path]]:
         """Instance paths per series of a study, for runs up to ``up_to_version``."""
-        rows = self._query("SELECT series_uid, path FROM instances WHERE study_uid = ? AND run_version <= ? "
-                           "ORDER BY series_uid, path", (study_uid, up_to_version))
-        out: dict[str, list[Path]] = {}
-        for r in rows:
-            out.setdefault(r["series_uid"], []).append(Path(r["path"]))
-        return out
+        with self.reading() as tx:
+            return instances.paths_by_series(tx, study_uid, up_to_version)
 
     def series_members(self, study_uid: str, up_to_version: int) -> dict[str, list[str]]:
         """SOP Instance UIDs per series of a study, for runs up to ``up_to_version``."""
-        rows = self._query("SELECT series_uid, sop_instance_uid FROM instances WHERE study_uid = ? "
-                           "AND run_version <= ? ORDER BY sop_instance_uid", (study_uid, up_to_version))
-        out: dict[str, list[str]] = {}
-        for r in rows:
-            out.setdefault(r["series_uid"], []).append(r["sop_instance_uid"])
-        return out
+        with self.reading() as tx:
+            return instances.members_by_series(tx, study_uid, up_to_version)
 
     def instance_index(self) -> list[dict[str, Any]]:
         """Every stored instance: study, series, SOP class and path (for cohort selection)."""
-        return [dict(r) for r in self._query("SELECT study_uid, series_uid, sop_class_uid, path FROM instances "
-                                             "ORDER BY study_uid, series_uid, path")]
+        with self.reading() as tx:
+            return instances.index(tx)
 
     def summary(self, recent: int = 10) -> dict[str, Any]:
         """At a glance, for ``portico status`` and ``GET /status``: counts by state and the last jobs."""
-        jobs = self.jobs()
+        all_jobs = self.jobs()
         return {
             "instances": self.instance_count(),
             "quarantined": len(self.quarantined()),
-            "jobs": dict(Counter(str(j.state) for j in jobs)),
+            "jobs": dict(Counter(str(j.state) for j in all_jobs)),
             "outbox": dict(Counter(str(o["state"]) for o in self.outbox())),
             "destinations": self.destination_status(),
             "recent_jobs": [{"id": j.id, "model": j.model, "state": str(j.state), "provider": j.provider,
-                             "error": j.error} for j in jobs[-recent:]],
+                             "error": j.error, "progress": list(j.progress) if j.progress else None}
+                            for j in all_jobs[-recent:]],
         }
 
     def instance_count(self, study_uid: str | None = None) -> int:
-        if study_uid is None:
-            return int(self._query("SELECT COUNT(*) FROM instances")[0][0])
-        return int(self._query("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,))[0][0])
+        with self.reading() as tx:
+            return instances.count(tx, study_uid)
 
     def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str, str]], *,
                       no_match: dict[str, Any] | None = None) -> list[int]:
@@ -436,78 +364,77 @@ class Store:
         """
         now = time.time()
         ids: list[int] = []
-        with self._tx() as db:
+        with self.transaction() as tx:
             for rule, model, model_version, series_uid, content_key in routes:
-                earlier = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND rule = ? AND series_uid = ? AND "
-                                     "content_key = ? AND run_version < ?",
-                                     (run.study_uid, rule, series_uid, content_key, run.version)).fetchone()
+                earlier = jobs.covering(tx, run.study_uid, rule, series_uid, content_key, run.version)
                 if earlier is not None:
-                    self._audit(db, AuditRecord(AuditEvent.ROUTED, run.study_uid, int(earlier["id"]),
+                    self._audit(tx, AuditRecord(AuditEvent.ROUTED, run.study_uid, earlier,
                                                 detail={"rule": rule, "run_version": run.version,
-                                                        "unchanged_since_job": int(earlier["id"])}))
+                                                        "unchanged_since_job": earlier}))
                     continue
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO jobs (study_uid, run_version, rule, model, model_version, series_uid,"
-                    " content_key, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (run.study_uid, run.version, rule, model, model_version, series_uid, content_key,
-                     JobState.PENDING, now, now))
-                if cur.lastrowid and cur.rowcount:
-                    ids.append(int(cur.lastrowid))
-                    self._audit(db, AuditRecord(AuditEvent.ROUTED, run.study_uid, int(cur.lastrowid),
+                job_id = jobs.add(tx, run.study_uid, run.version, rule, model, model_version, series_uid,
+                                  content_key, now)
+                if job_id is not None:
+                    ids.append(job_id)
+                    self._audit(tx, AuditRecord(AuditEvent.ROUTED, run.study_uid, job_id,
                                                 detail={"rule": rule, "model": model, "series_uid": series_uid,
                                                         "run_version": run.version}))
             if not routes:
-                self._audit(db, AuditRecord(AuditEvent.NO_MATCH, run.study_uid,
+                self._audit(tx, AuditRecord(AuditEvent.NO_MATCH, run.study_uid,
                                             detail={"run_version": run.version, **(no_match or {})}))
-            db.execute("UPDATE runs SET routed = 1 WHERE study_uid = ? AND version = ?",
-                       (run.study_uid, run.version))
+            studies.mark_routed(tx, run)
         return ids
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    def _job(self, r: sqlite3.Row) -> Job:
-        return Job(r["id"], r["study_uid"], r["run_version"], r["rule"], r["model"], r["model_version"],
-                   r["series_uid"], r["content_key"], JobState(r["state"]), r["attempts"], r["error"], r["provider"],
-                   json.loads(r["timings"]) if r["timings"] else {}, r["updated"])
-
     def job(self, job_id: int) -> Job | None:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return self._job(rows[0]) if rows else None
+        with self.reading() as tx:
+            return jobs.get(tx, job_id)
 
     def jobs(self, study_uid: str | None = None) -> list[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,)) if study_uid \
-            else self._query("SELECT * FROM jobs ORDER BY id")
-        return [self._job(r) for r in rows]
+        with self.reading() as tx:
+            return jobs.listed(tx, study_uid)
 
-    def claim_job(self) -> Job | None:
-        """Take the oldest due PENDING job and mark it RUNNING."""
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT 1",
-                             (JobState.PENDING, time.time())).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?",
-                       (JobState.RUNNING, time.time(), row["id"]))
-            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, row["study_uid"], row["id"],
-                                        detail={"state": JobState.RUNNING, "attempt": row["attempts"] + 1}))
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        return self._job(row)
+    def claim_job(self, owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> Job | None:
+        """Take the oldest due PENDING job and mark it RUNNING under ``owner``'s lease (default: this process)."""
+        with self.transaction() as tx:
+            job = jobs.claim(tx, owner or worker_name(), lease_seconds, time.time())
+            if job is not None:
+                self._audit(tx, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
+                                            detail={"state": JobState.RUNNING, "attempt": job.attempts}))
+        return job
+
+    def renew_lease(self, job_id: int, owner: str | None = None, lease_seconds: float = LEASE_SECONDS) -> bool:
+        """The worker's heartbeat; ``False`` when the job was taken back (the worker should give it up)."""
+        with self.transaction() as tx:
+            return jobs.renew(tx, job_id, owner or worker_name(), lease_seconds, time.time())
+
+    def set_progress(self, job_id: int, done: int, total: int) -> None:
+        with self.transaction() as tx:
+            jobs.set_progress(tx, job_id, done, total)
 
     def resume_interrupted(self) -> int:
-        """After a crash: every RUNNING job goes back to PENDING."""
-        with self._tx() as db:
-            rows = db.execute("SELECT id, study_uid FROM jobs WHERE state = ?", (JobState.RUNNING,)).fetchall()
-            for r in rows:
-                db.execute("UPDATE jobs SET state = ?, updated = ? WHERE id = ?",
-                           (JobState.PENDING, time.time(), r["id"]))
-                self._audit(db, AuditRecord(AuditEvent.JOB_STATE, r["study_uid"], r["id"],
-                                            detail={"state": JobState.PENDING, "reason": "resumed after restart"}))
-        return len(rows)
+        """Put RUNNING jobs whose worker is gone back in the queue; returns how many.
+
+        A worker is gone when its lease ran out, or (without waiting for that) when it was a process on
+        this host that no longer runs (a restart after a crash takes its own jobs back at once). Jobs of
+        live workers on this or another machine stay theirs.
+        """
+        now = time.time()
+        with self.transaction() as tx:
+            taken = [r for r in jobs.running(tx) if r["lease_expires"] is None
+                     or float(r["lease_expires"]) < now or _owner_gone(r["lease_owner"])]
+            for r in taken:
+                jobs.requeue(tx, int(r["id"]), now)
+                self._audit(tx, AuditRecord(AuditEvent.JOB_STATE, r["study_uid"], int(r["id"]),
+                                            detail={"state": JobState.PENDING, "reason": "worker gone",
+                                                    "worker": r["lease_owner"]}))
+        return len(taken)
 
     def complete_job(self, job: Job, results: list[ResultFile], destinations: list[str], provider: str,
                      package_hash: str, timings: dict[str, float],
                      destinations_for: dict[str, list[str]] | None = None,
-                     hold: Callable[[sqlite3.Connection], None] | None = None) -> None:
+                     hold: Callable[[Tx], None] | None = None) -> None:
         """Record the results and queue them for every destination, atomically.
 
         ``destinations_for`` maps a result's SOP Instance UID to the destinations that get it
@@ -517,97 +444,77 @@ class Store:
         """
         now = time.time()
         queued = OutboxState.HELD if hold is not None else OutboxState.PENDING
-        with self._tx() as db:
+        with self.transaction() as tx:
+            self._still_held(tx, job)
             for res in results:
-                db.execute("INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, sop_class_uid, path,"
-                           " detail) VALUES (?,?,?,?,?,?)", (res.sop_instance_uid, job.id, res.kind,
-                                                            res.sop_class_uid, str(res.path),
-                                                            json.dumps(res.detail)))
+                jobs.save_result(tx, job.id, res)
                 for dest in (destinations_for or {}).get(res.sop_instance_uid, destinations):
-                    db.execute("INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, "
-                               "sop_class_uid, path, state, created) VALUES (?,?,?,?,?,?,?)",
-                               (job.id, dest, res.sop_instance_uid, res.sop_class_uid, str(res.path),
-                                queued, now))
-            db.execute("UPDATE jobs SET state = ?, error = NULL, provider = ?, package_hash = ?, timings = ?, "
-                       "updated = ? WHERE id = ?", (JobState.DONE, provider, package_hash, json.dumps(timings),
-                                                   now, job.id))
-            self._audit(db, AuditRecord(AuditEvent.INFERRED, job.study_uid, job.id,
+                    outbox.add(tx, job.id, dest, res.sop_instance_uid, res.sop_class_uid, res.path, queued, now)
+            jobs.finish(tx, job.id, provider, package_hash, timings, now)
+            self._audit(tx, AuditRecord(AuditEvent.INFERRED, job.study_uid, job.id,
                                         detail={"model": job.model, "package_hash": package_hash,
                                                 "provider": provider,
                                                 "results": [r.sop_instance_uid for r in results]}))
-            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
+            self._audit(tx, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
                                         detail={"state": JobState.DONE}))
             if hold is not None:
-                hold(db)
+                hold(tx)
 
     def fail_job(self, job: Job, error: str, code: str, retry_in: float | None) -> None:
         """FAILED for good, or back to PENDING after ``retry_in`` seconds."""
         state = JobState.PENDING if retry_in is not None else JobState.FAILED
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, error = ?, next_attempt_at = ?, updated = ? WHERE id = ?",
-                       (state, f"{code}: {error}", time.time() + (retry_in or 0), time.time(), job.id))
-            self._audit(db, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
+        now = time.time()
+        with self.transaction() as tx:
+            self._still_held(tx, job)
+            jobs.fail(tx, job.id, state, f"{code}: {error}", now + (retry_in or 0), now)
+            self._audit(tx, AuditRecord(AuditEvent.JOB_STATE, job.study_uid, job.id,
                                         detail={"state": state, "code": code, "error": error}))
 
+    @staticmethod
+    def _still_held(tx: Tx, job: Job) -> None:
+        """Raise :class:`LeaseLost` when ``job`` is no longer RUNNING under the lease it was claimed with."""
+        if job.lease_owner is None:  # a job not claimed through a lease (tests, tools): nothing to check
+            return
+        current = jobs.get(tx, job.id)
+        if current is None or current.state is not JobState.RUNNING or current.lease_owner != job.lease_owner:
+            raise LeaseLost(f"job {job.id} was taken back from this worker (its lease ran out)")
+
     def results(self, job_id: int | None = None) -> list[ResultFile]:
-        rows = self._query("SELECT * FROM results WHERE job_id = ?", (job_id,)) if job_id is not None \
-            else self._query("SELECT * FROM results")
-        return [ResultFile(r["sop_instance_uid"], r["kind"], r["sop_class_uid"], Path(r["path"]),
-                           json.loads(r["detail"] or "{}")) for r in rows]
+        with self.reading() as tx:
+            return jobs.results(tx, job_id)
 
     # ---- Outbox ------------------------------------------------------------------------------
 
     def due(self, limit: int) -> list[OutboxItem]:
-        rows = self._query("SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                           (OutboxState.PENDING, time.time(), limit))
-        return [OutboxItem(r["id"], r["destination"], Path(r["path"]), r["sop_class_uid"],
-                           r["sop_instance_uid"], r["attempts"]) for r in rows]
+        with self.reading() as tx:
+            return outbox.due(tx, limit, time.time())
 
     def mark_sent(self, item_id: int) -> None:
-        with self._tx() as db:
-            row = db.execute("SELECT o.*, j.study_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
-                             "WHERE o.id = ?", (item_id,)).fetchone()
-            db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, sent_at = ?, last_error = NULL "
-                       "WHERE id = ?", (OutboxState.SENT, time.time(), item_id))
+        with self.transaction() as tx:
+            row = outbox.with_study(tx, item_id)
+            outbox.mark_sent(tx, item_id, time.time())
             if row is not None:
-                self._audit(db, AuditRecord(AuditEvent.DISPATCHED, row["study_uid"], row["job_id"],
+                self._audit(tx, AuditRecord(AuditEvent.DISPATCHED, row["study_uid"], row["job_id"],
                                             detail={"destination": row["destination"],
                                                     "sop_instance_uid": row["sop_instance_uid"]}))
 
     def mark_failed(self, item_id: int, error: str, retry_in_seconds: float, permanent: bool) -> None:
-        with self._tx() as db:
-            row = db.execute("SELECT o.*, j.study_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
-                             "WHERE o.id = ?", (item_id,)).fetchone()
-            db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
-                       " WHERE id = ?", (OutboxState.FAILED if permanent else OutboxState.PENDING,
-                                         time.time() + retry_in_seconds, error, item_id))
+        with self.transaction() as tx:
+            row = outbox.with_study(tx, item_id)
+            outbox.mark_failed(tx, item_id, error, time.time() + retry_in_seconds, permanent)
             if row is not None:
-                self._audit(db, AuditRecord(AuditEvent.DISPATCH_FAILED, row["study_uid"], row["job_id"],
+                self._audit(tx, AuditRecord(AuditEvent.DISPATCH_FAILED, row["study_uid"], row["job_id"],
                                             detail={"destination": row["destination"], "error": error,
                                                     "permanent": permanent, "retry_in": retry_in_seconds}))
 
-    def outbox(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._query("SELECT * FROM outbox ORDER BY id")]
+    def outbox(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        with self.reading() as tx:
+            return outbox.listed(tx, job_id)
 
     def destination_status(self) -> dict[str, dict[str, Any]]:
-        """Per destination: outbox counts by state, the last error and when it is next tried.
-
-        ``last_error`` is that of the unsent item that failed most recently (``None`` once all went
-        out); ``next_retry_at`` is the earliest time a PENDING item that has failed is due again.
-        """
-        out: dict[str, dict[str, Any]] = {}
-        for r in self._query("SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state "
-                             "ORDER BY destination"):
-            entry = out.setdefault(r["destination"], {"states": {}, "last_error": None, "next_retry_at": None})
-            entry["states"][r["state"]] = int(r["n"])
-        for r in self._query("SELECT destination, last_error, MAX(next_attempt_at) AS at FROM outbox "
-                             "WHERE state IN (?, ?) AND last_error IS NOT NULL GROUP BY destination",
-                             (OutboxState.PENDING, OutboxState.FAILED)):
-            out[r["destination"]]["last_error"] = r["last_error"]
-        for r in self._query("SELECT destination, MIN(next_attempt_at) AS at FROM outbox "
-                             "WHERE state = ? AND attempts > 0 GROUP BY destination", (OutboxState.PENDING,)):
-            out[r["destination"]]["next_retry_at"] = float(r["at"])
-        return out
+        """Per destination: outbox counts by state, the last error and when it is next tried."""
+        with self.reading() as tx:
+            return outbox.destination_status(tx)
 
 
 def _sweep_stale(spool: Path) -> None:

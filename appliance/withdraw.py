@@ -15,20 +15,21 @@ stores it as one more object in the study. See ``docs/withdraw.md``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db import jobs, outbox, reviews
 from appliance.review import Decision, ReviewConflict, ReviewNotFound, ReviewState
 from appliance.settings import Settings
-from appliance.store import OutboxState, Store
+from appliance.store import OutboxState, ResultFile, Store
 from inference.results.kos import KOS_SOP_CLASS_UID, RejectionReason, build_rejection_kos
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,13 @@ def withdraw(store: Store, settings: Settings, job_id: int, reviewer: str, reaso
     job = store.job(job_id)
     if job is None:
         raise ReviewNotFound(f"no job {job_id}")
-    if any(r["state"] == ReviewState.WITHDRAWN
-           for r in store.query("SELECT state FROM reviews WHERE job_id = ?", (job_id,))):
+    with store.reading() as tx:
+        review = reviews.get(tx, job_id)
+        items = outbox.sent_items(tx, job_id, except_class=KOS_SOP_CLASS_UID)
+    if review is not None and review["state"] == ReviewState.WITHDRAWN:
         raise ReviewConflict(f"job {job_id} was withdrawn already")
     sent: dict[str, list[tuple[str, Path]]] = defaultdict(list)
-    for row in store.query("SELECT destination, sop_instance_uid, path FROM outbox WHERE job_id = ? AND state = ? "
-                           "AND sop_class_uid != ? ORDER BY destination, sop_instance_uid",
-                           (job_id, OutboxState.SENT, KOS_SOP_CLASS_UID)):
+    for row in items:
         sent[str(row["destination"])].append((str(row["sop_instance_uid"]), Path(row["path"])))
     if not sent:
         raise ReviewConflict(f"job {job_id} has no results that were sent; reject it in review instead")
@@ -79,8 +80,8 @@ def withdraw(store: Store, settings: Settings, job_id: int, reviewer: str, reaso
     folder = store.results_dir / f"job-{job_id}"
     folder.mkdir(parents=True, exist_ok=True)
     notes: dict[str, tuple[str, Path]] = {}
-    for destination, items in sent.items():
-        headers = [pydicom.dcmread(path, stop_before_pixels=True) for _, path in items]
+    for destination, objects in sent.items():
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for _, path in objects]
         kos = build_rejection_kos(headers, inference.device, inference.uid_root,
                                   f"job/{job.study_uid}/{job.series_uid}/{job_id}/{destination}", why)
         path = folder / f"kos-{kos.SOPInstanceUID}.dcm"
@@ -92,28 +93,20 @@ def withdraw(store: Store, settings: Settings, job_id: int, reviewer: str, reaso
         notes[destination] = (str(kos.SOPInstanceUID), path)
 
     now = time.time()
-    with store.transaction() as db:
-        row = db.execute("SELECT state FROM reviews WHERE job_id = ?", (job_id,)).fetchone()
+    with store.transaction() as tx:
+        row = reviews.get(tx, job_id)
         if row is not None and row["state"] == ReviewState.WITHDRAWN:
             raise ReviewConflict(f"job {job_id} was withdrawn already")
-        cancelled = db.execute(
-            "UPDATE outbox SET state = ?, last_error = ? WHERE job_id = ? AND state IN (?, ?, ?)",
-            (OutboxState.CANCELLED, "withdrawn", job_id, OutboxState.HELD, OutboxState.PENDING,
-             OutboxState.FAILED)).rowcount
+        cancelled = outbox.cancel(tx, job_id, (OutboxState.HELD, OutboxState.PENDING, OutboxState.FAILED), "withdrawn")
         for destination, (uid, path) in notes.items():
-            db.execute("INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, sop_class_uid, path, detail)"
-                       " VALUES (?,?,?,?,?,?)", (uid, job_id, "kos", KOS_SOP_CLASS_UID, str(path),
-                                                 _detail(destination, why, [u for u, _ in sent[destination]])))
+            jobs.save_result(tx, job_id, ResultFile(uid, "kos", KOS_SOP_CLASS_UID, path,
+                                                    _detail(destination, why, [u for u, _ in sent[destination]])))
             # a note already queued (a withdrawal retried after a crash) is the same object: keep its row
-            db.execute("INSERT OR IGNORE INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid, path, "
-                       "state, created) VALUES (?,?,?,?,?,?,?)",
-                       (job_id, destination, uid, KOS_SOP_CLASS_UID, str(path), OutboxState.PENDING, now))
+            outbox.add(tx, job_id, destination, uid, KOS_SOP_CLASS_UID, path, OutboxState.PENDING, now)
         if row is None:
-            db.execute("INSERT INTO reviews (job_id, state, held, created) VALUES (?,?,0,?)",
-                       (job_id, ReviewState.WITHDRAWN, now))
-        db.execute("UPDATE reviews SET state = ?, decided_at = ?, reviewer = ?, reason = ?, via = ? WHERE job_id = ?",
-                   (ReviewState.WITHDRAWN, now, reviewer, reason, via, job_id))
-        Store.audit_in(db, AuditRecord(AuditEvent.REVIEWED, job.study_uid, job_id, actor=reviewer, detail={
+            reviews.start_retrospective(tx, job_id, ReviewState.WITHDRAWN, now)
+        reviews.decide(tx, job_id, ReviewState.WITHDRAWN, now, reviewer, reason, via)
+        Store.audit_in(tx, AuditRecord(AuditEvent.REVIEWED, job.study_uid, job_id, actor=reviewer, detail={
             "decision": str(Decision.WITHDRAW), "reason": reason, "via": via, "model": job.model,
             "rejection": str(why), "destinations": sorted(notes),
             "notes": {d: uid for d, (uid, _) in notes.items()},
@@ -124,5 +117,5 @@ def withdraw(store: Store, settings: Settings, job_id: int, reviewer: str, reaso
                       {d: [u for u, _ in items] for d, items in sent.items()}, cancelled)
 
 
-def _detail(destination: str, why: RejectionReason, rejected: list[str]) -> str:
-    return json.dumps({"destination": destination, "rejection": str(why), "rejected": rejected})
+def _detail(destination: str, why: RejectionReason, rejected: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "rejection": str(why), "rejected": rejected}

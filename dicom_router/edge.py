@@ -44,6 +44,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_router.associate_rq import MalformedRequest, ae_titles, prefer_transfer_syntaxes
 from dicom_router.edge_socket import MAX_CONTROL_PDU, EdgeAssociationSocket
+from dicom_router.ports import AssociationObserver, AssociationOutcome
 from dicom_router.reactor import EventDrivenAssociation, tune_socket
 from dicom_router.settings import EdgeSettings, Peer, TlsMode
 from dicom_router.tls import describe_tls_error, identity_matches, identity_of
@@ -130,11 +131,14 @@ class RefusalLog:
     that close without a word, such as health checks and port scans, at DEBUG); the rest are
     counted. :meth:`flush` ends a window once ``window`` seconds have passed: it logs a summary
     for kinds refused more than once and hands the counts to ``report`` (the appliance's audit).
+    ``observe`` hears of each refusal at once (the appliance's metrics).
     """
 
-    def __init__(self, window: float, report: Callable[[list[RefusalCount]], None] | None = None) -> None:
+    def __init__(self, window: float, report: Callable[[list[RefusalCount]], None] | None = None,
+                 observe: AssociationObserver | None = None) -> None:
         self._window = window
         self._report = report
+        self._observe = observe
         self._lock = threading.Lock()
         self._counts: dict[tuple[Refusal, str, str], int] = {}
         self._started = time.monotonic()
@@ -146,6 +150,11 @@ class RefusalLog:
                 key = (reason, address, "(other details)")  # a peer varying its AE title gains nothing
             first = key not in self._counts
             self._counts[key] = self._counts.get(key, 0) + 1
+        if self._observe is not None:
+            try:
+                self._observe(AssociationOutcome.REFUSED, reason.value)
+            except Exception:  # counting must not cost the listener anything
+                LOGGER.exception("could not count a refused connection")
         if first:
             level = logging.DEBUG if reason is Refusal.CLOSED else logging.WARNING
             LOGGER.log(level, "refused a DICOM connection from %s: %s [%s]%s", address, _DESCRIPTIONS[reason],
@@ -411,6 +420,8 @@ class EdgeServer(ThreadedAssociationServer):
         the connection's own thread with the edge's deadline, never in the accepting one.
     event_driven
         Associations on :mod:`dicom_router.reactor`'s reactor; false: pynetdicom's own.
+    reuse_port
+        Share the port with other receiver processes (``SO_REUSEPORT``).
     """
 
     daemon_threads = True
@@ -420,12 +431,19 @@ class EdgeServer(ThreadedAssociationServer):
     request_queue_size = 256
 
     def __init__(self, ae: AE, address: tuple[str, int], contexts: list[Any], evt_handlers: list[Any], *,
-                 gate: Gate, tls_context: ssl.SSLContext | None, event_driven: bool) -> None:
+                 gate: Gate, tls_context: ssl.SSLContext | None, event_driven: bool, reuse_port: bool = False) -> None:
         self.gate = gate
         self.tls_context = tls_context
         self.event_driven = event_driven
+        self.reuse_port = reuse_port
         super().__init__(ae, address, gate.ae_title, contexts, None, evt_handlers=evt_handlers,
                          request_handler=EdgeRequestHandler)
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets SO_REUSEADDR only (socketserver's allow_reuse_port never reaches it)
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # accept only: pynetdicom would run the TLS handshake here, in the accepting thread

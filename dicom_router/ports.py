@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -94,3 +95,19 @@ class Outbox(Protocol):
     def mark_sent(self, item_id: int) -> None: ...
 
     def mark_failed(self, item_id: int, error: str, retry_in_seconds: float, permanent: bool) -> None: ...
+
+
+class AssociationOutcome(StrEnum):
+    """What became of a connection to the DICOM listener."""
+
+    #: negotiated: the association runs
+    ACCEPTED = "accepted"
+    #: admitted by the edge, then rejected by pynetdicom's negotiation (e.g. no usable context)
+    REJECTED = "rejected"
+    #: refused by the edge before negotiation (:class:`dicom_router.edge.Refusal` names the reason)
+    REFUSED = "refused"
+
+
+#: told of each connection's fate at the listener, with a value-free reason code (``""`` when accepted);
+#: called on the listener's threads, so it must be quick and must not raise (the appliance counts them)
+AssociationObserver = Callable[[AssociationOutcome, str], None]

@@ -48,7 +48,14 @@ from dicom_router import reactor
 from dicom_router.edge import EdgeServer, Gate, RefusalCount, RefusalLog, normalise_address
 from dicom_router.errors import RouterError
 from dicom_router.part10 import UnreadableHeader, file_meta, read_uids
-from dicom_router.ports import InstanceSink, ReceivedInstance, SinkFullError, StoreOutcome
+from dicom_router.ports import (
+    AssociationObserver,
+    AssociationOutcome,
+    InstanceSink,
+    ReceivedInstance,
+    SinkFullError,
+    StoreOutcome,
+)
 from dicom_router.settings import RouterSettings
 from dicom_router.tls import server_context
 
@@ -142,10 +149,16 @@ class StorageSCP:
         Durable storage; ``store`` must return only once the instance is safe.
     event_driven
         Use :mod:`dicom_router.reactor` (no polling sleeps); default: when pynetdicom supports it.
+    report_refusals
+        Given the edge's refusal counts once per window (the appliance audits them).
+    observe
+        Told of each connection's outcome as it happens: accepted, rejected in negotiation, refused
+        by the edge (the appliance counts them for its metrics).
     """
 
     def __init__(self, settings: RouterSettings, sink: InstanceSink, *, event_driven: bool | None = None,
-                 report_refusals: Callable[[list[RefusalCount]], None] | None = None) -> None:
+                 report_refusals: Callable[[list[RefusalCount]], None] | None = None,
+                 observe: AssociationObserver | None = None) -> None:
         self._settings = settings
         self._sink = sink
         wanted = settings.event_driven if event_driven is None else event_driven
@@ -154,6 +167,7 @@ class StorageSCP:
             LOGGER.warning("pynetdicom %s is not the version dicom_router.reactor was written for; "
                            "using pynetdicom's own reactor", pynetdicom.__version__)
         self._report_refusals = report_refusals
+        self._observe = observe
         self._servers: list[EdgeServer] = []
         self._gate: Gate | None = None
 
@@ -223,10 +237,10 @@ class StorageSCP:
         ae = self._make_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_REJECTED, _on_rejected),
-            (evt.EVT_ACCEPTED, _on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
-        refusals = RefusalLog(self._settings.edge.report_seconds, self._report_refusals)
+        refusals = RefusalLog(self._settings.edge.report_seconds, self._report_refusals, self._observe)
         self._gate = Gate(self._settings.ae_title, self._settings.peers, self._settings.edge, refusals,
                           (*STORAGE_TRANSFER_SYNTAXES, ImplicitVRLittleEndian))
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
@@ -238,7 +252,8 @@ class StorageSCP:
             for port, context in listeners:
                 address = (self._settings.bind_host, port)
                 server = EdgeServer(ae, address, ae.supported_contexts, handlers, gate=self._gate,
-                                    tls_context=context, event_driven=self._event_driven)
+                                    tls_context=context, event_driven=self._event_driven,
+                                    reuse_port=self._settings.reuse_port)
                 # as AE.start_server does, so that server.shutdown() finds it
                 ae._servers.append(server)
                 self._servers.append(server)
@@ -280,6 +295,22 @@ class StorageSCP:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _on_rejected(self, event: Event) -> None:
+        _on_rejected(event)
+        self._observed(AssociationOutcome.REJECTED, "negotiation")
+
+    def _on_accepted(self, event: Event) -> None:
+        _on_accepted(event)
+        self._observed(AssociationOutcome.ACCEPTED, "")
+
+    def _observed(self, outcome: AssociationOutcome, reason: str) -> None:
+        if self._observe is None:
+            return
+        try:
+            self._observe(outcome, reason)
+        except Exception:  # counting must not cost an association anything
+            LOGGER.exception("could not count an association")
 
     # --- C-STORE -------------------------------------------------------------------------------
 

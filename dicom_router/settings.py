@@ -180,6 +180,9 @@ class RouterSettings(BaseModel):
     #: the event-driven reactor (:mod:`dicom_router.reactor`); false falls back to pynetdicom's own,
     #: for receiving, sending and C-FIND alike (the edge's protections hold on both)
     event_driven: bool = True
+    #: several receiver processes on this machine share the port (SO_REUSEPORT; the kernel spreads new
+    #: connections over them); the edge's per-address limits then hold per process
+    reuse_port: bool = False
     edge: EdgeSettings = EdgeSettings()
     #: calling AE titles + addresses allowed to associate; empty means nobody
     peers: tuple[Peer, ...] = ()

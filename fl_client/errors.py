@@ -37,3 +37,9 @@ class ExportError(FLClientError):
     """A global model cannot be turned into a candidate package."""
 
     code = "fl_export"
+
+
+class BoxError(FLClientError):
+    """The NVFlare client cannot be put in its own box (its OS user is missing, or cannot reach its folder)."""
+
+    code = "fl_box"

@@ -159,3 +159,21 @@ def review_deployed(app_dir: Path) -> dict[str, Any]:
         client_config = {}
     trainer, problems = trainer_of(client_config)
     return {"client_app_sha256": content_hash(app_dir), "trainer": trainer, "problems": problems}
+
+
+def save_review(layout: SiteLayout, job_id: str, review: JobReview) -> None:
+    """Keep ``review`` as the content waiting job ``job_id`` asks to run (``portico fl inspect --for``),
+    so the dashboard and the API show it and an approval can bind its hash."""
+    from fl_client.layout import write_json
+
+    layout.job_dir(job_id)  # validates the id: it names a file
+    write_json(layout.control / "reviews" / f"{job_id}.json", review.to_json())
+
+
+def saved_review(layout: SiteLayout, job_id: str) -> dict[str, Any] | None:
+    """The review kept for job ``job_id``, or None."""
+    from fl_client.layout import read_json
+
+    layout.job_dir(job_id)
+    found = read_json(layout.control / "reviews" / f"{job_id}.json")
+    return found if isinstance(found, dict) else None

@@ -93,10 +93,18 @@ class SiteLayout:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    """Write JSON atomically (temporary file in the same folder, then rename).
+
+    Written by root into a folder another user owns (the FL user's box, :mod:`fl_client.box`), the
+    file is that user's, so the NVFlare side can read what the appliance wrote (an approval).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if os.geteuid() == 0:
+            folder = os.stat(path.parent)
+            if folder.st_uid != 0:
+                os.fchown(fd, folder.st_uid, folder.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")

@@ -89,6 +89,10 @@ class FLSettings(BaseModel):
     workspace: str = "fl"
     #: Python interpreter that runs NVFlare (a separate venv if needed); None: the appliance's own
     python: str | None = None
+    #: the unprivileged OS user NVFlare and its job processes run as when Portico runs as root (it owns
+    #: the FL folder and nothing else; the installer creates it). A root Portico refuses to start NVFlare
+    #: when the user does not exist; None runs NVFlare as root, explicitly (not recommended)
+    run_as: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = "portico-fl"
     #: first restart delay after the client process dies; doubles per quick failure up to the maximum
     restart_backoff_s: Annotated[float, Field(gt=0)] = 2.0
     restart_backoff_max_s: Annotated[float, Field(gt=0)] = 60.0

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.approvals import Approvals
+from fl_client.box import FLUser, box_user, hand_over, open_the_way, stage_models
 from fl_client.errors import NotEnrolledError
+from fl_client.job_review import saved_review
 from fl_client.kit import enrolment
 from fl_client.layout import CONTROL_ENV, SiteLayout, read_json, write_json
 from fl_client.policy import floor_of_privacy as floor_config_of
@@ -194,6 +196,7 @@ class FLSupervisor:
                  on_event: Callable[[FLEvent], None] | None = None,
                  on_job_finished: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.data_dir = data_dir
         self.layout = SiteLayout(data_dir / settings.workspace)
         self.models_dir = models_dir or data_dir / "models"
         self.on_event = on_event
@@ -213,6 +216,8 @@ class FLSupervisor:
         self._finished: set[str] = set()
         self._seen_spent: set[str] = set()
         self._seen_refused: set[str] = set()
+        #: who the NVFlare processes run as (None: Portico's own user), decided at start
+        self.user: FLUser | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -223,13 +228,29 @@ class FLSupervisor:
         ------
         NotEnrolledError
             When no startup kit is installed.
+        BoxError
+            When Portico runs as root and the FL user (``fl.run_as``) does not exist or cannot reach
+            the FL folder.
         """
         info = enrolment(self.layout)
         if info is None:
             raise NotEnrolledError(f"no startup kit installed in {self.layout.site} (portico fl enrol)")
+        self.user = box_user(self.settings.run_as)
+        if self.user is None and os.geteuid() == 0:
+            log.warning("NVFlare runs as root (fl.run_as: null): it can read every instance and the configuration")
         self.layout.ensure()
         self._reap_previous()
-        write_policy(self.settings, self.layout, self.models_dir)
+        models = self.models_dir
+        if self.user is not None:
+            models = stage_models(self.models_dir, self.layout.control / "models", self.settings.allowed_models,
+                                  self.user, base=self.data_dir)
+        write_policy(self.settings, self.layout, models)
+        if self.user is not None:
+            # no NVFlare process is alive here (reaped above): the folder is handed over before one starts
+            changed = hand_over(self.layout.root, self.user)
+            open_the_way(self.layout, self.data_dir, self.user)
+            log.info("NVFlare runs as %s (uid %d); %d entries of %s handed over", self.user.name, self.user.uid,
+                     changed, self.layout.root)
         self._finished = {p.parent.name for p in self.layout.jobs.glob("*/final.json")}
         self._seen_refused = {p.parent.name for p in self.layout.jobs.glob("*/refused.json")}
         self._seen_spent = {name for name, entry in PrivacyBudget(self.layout).read().items()
@@ -257,11 +278,14 @@ class FLSupervisor:
             logfile.replace(logfile.with_suffix(".log.1"))
         argv = [python, "-u", "-m", CLIENT_MODULE, "-m", str(self.layout.site), "-s", "fed_client.json",
                 "--set", "secure_train=true", f"uid={site}", f"org={org}", "config_folder=config"]
+        user = self.user
         with logfile.open("ab") as out:
+            # as the FL user: real, effective and saved ids, no supplementary groups (root's are dropped)
             proc = subprocess.Popen(argv, cwd=self.layout.site, env=nvflare_env(self.layout,
                                                                                 self.settings.train_threads),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, user=user.uid if user else None,
+                                    group=user.gid if user else None, extra_groups=[] if user else None)
         cap_resources(proc.pid, self.settings.memory_limit_mib)
         st = _stat(proc.pid)
         self._known = {proc.pid: st[1]} if st else {}
@@ -274,7 +298,19 @@ class FLSupervisor:
         backoff = self.settings.restart_backoff_s
         while not self._stop.is_set():
             with self._lock:
-                self._proc = self._spawn(site, org)
+                try:
+                    self._proc = self._spawn(site, org)
+                except OSError as exc:  # e.g. the FL user may not run the interpreter (fl.python)
+                    log.error("cannot start the NVFlare client (%s on %s%s); retrying in %.0f s",
+                              type(exc).__name__, exc.filename or "the interpreter",
+                              f" as {self.user.name}" if self.user else "", backoff)
+                    self._emit(FLEvent(FLEventKind.EXITED, detail={"returncode": None, "error": type(exc).__name__}))
+                    self.restarts += 1
+                    self.backoff_until = time.time() + backoff
+                    if self._stop.wait(backoff):
+                        break
+                    backoff = min(backoff * 2, self.settings.restart_backoff_max_s)
+                    continue
                 self.started_at = time.time()
                 self.backoff_until = None
             self._emit(FLEvent(FLEventKind.STARTED, detail={"pid": self._proc.pid, "restarts": self.restarts}))
@@ -455,6 +491,18 @@ def site_status(layout: SiteLayout, *, proc: subprocess.Popen[bytes] | None = No
         "privacy": {"floor": floor_config_of(floor),
                     "budget": budget_view(layout, info.project if info else None, floor.epsilon, floor.delta)},
         "pending_approval": [{"job_id": p.job_id, "name": p.name, "submitter": p.submitter,
-                              "reason": p.reason, "attempts": p.attempts, "deployed": p.meta.get("deployed")}
+                              "reason": p.reason, "attempts": p.attempts, "first_seen": p.first_seen,
+                              "deployed": p.meta.get("deployed"), "review": saved_review(layout, p.job_id),
+                              "decided": _decided(Approvals(layout), p.job_id)}
                              for p in Approvals(layout).pending()],
+        "decisions": [{"job_id": d.job_id, "decision": d.decision, "name": d.name, "actor": d.actor,
+                       "reason": d.reason, "at": d.at, "client_app_sha256": d.client_app_sha256}
+                      for d in sorted(Approvals(layout).decisions(), key=lambda d: d.at)[-20:]],
     }
+
+
+def _decided(approvals: Approvals, job_id: str) -> dict[str, Any] | None:
+    """A decision already made on a job still listed as waiting (until NVFlare asks again)."""
+    made = approvals.decision(job_id)
+    return None if made is None else {"decision": made.decision, "actor": made.actor, "at": made.at,
+                                      "client_app_sha256": made.client_app_sha256}

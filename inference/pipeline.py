@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +37,13 @@ class PipelineResult:
 
 
 def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: SessionCache,
-                     settings: InferenceSettings, run_key: str) -> PipelineResult:
+                     settings: InferenceSettings, run_key: str,
+                     progress: Callable[[int, int], None] | None = None) -> PipelineResult:
     """Segment one series with ``package`` and encode the results.
 
     ``run_key`` names the run (study, series, run version): derived UIDs come from it and the model
-    version, so running the same inputs again yields the same objects.
+    version, so running the same inputs again yields the same objects. ``progress(done, total)`` is told
+    the slices inferred so far.
 
     Raises
     ------
@@ -62,9 +64,10 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     model = sessions.get(package, settings.providers)
     manifest = package.manifest
     if manifest.output.seg_type == SegType.FRACTIONAL:
-        labels, probabilities = segment_with_probabilities(volume.hu, volume.spacing, manifest, model)
+        labels, probabilities = segment_with_probabilities(volume.hu, volume.spacing, manifest, model,
+                                                           progress=progress)
     else:
-        labels, probabilities = segment(volume.hu, volume.spacing, manifest, model), None
+        labels, probabilities = segment(volume.hu, volume.spacing, manifest, model, progress=progress), None
     t2 = time.perf_counter()
     timings["inference"] = t2 - t1
     # measurements (and the SR) always come from the label map, whichever SEG encodes the result

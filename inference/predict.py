@@ -43,18 +43,24 @@ Spacing = tuple[float, float, float]
 Shape = tuple[int, int, int]
 
 
+#: ``progress(done, total)``: slices of the series inferred so far
+Progress = Callable[[int, int], None]
+
+
 def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *,
-            batch_size: int = 4) -> NDArray[np.uint8]:
+            batch_size: int = 4, progress: Progress | None = None) -> NDArray[np.uint8]:
     """Label map of ``hu`` (z, y, x) on its own grid, segment label values as in the manifest.
 
     See :func:`segment_with_probabilities` for the parameters and errors.
     """
-    labels, _ = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=False)
+    labels, _ = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=False,
+                         progress=progress)
     return labels
 
 
 def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *,
-                               batch_size: int = 4) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+                               batch_size: int = 4,
+                               progress: Progress | None = None) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """Label map of ``hu`` and the probability of each manifest segment, both on ``hu``'s grid.
 
     The probabilities are (segments, z, y, x) uint8, ``round(255 * p)``, in manifest segment order;
@@ -74,6 +80,8 @@ def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manife
         A loaded runtime for the package's model.
     batch_size
         Patches per call to the runtime.
+    progress
+        Told the slices (of ``hu``) done so far, as the sliding window finishes them.
 
     Raises
     ------
@@ -82,13 +90,15 @@ def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manife
     InferenceError
         When the model's output does not fit the manifest.
     """
-    labels, probabilities = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=True)
+    labels, probabilities = _segment(hu, spacing, manifest, model, batch_size=batch_size, with_probabilities=True,
+                                     progress=progress)
     assert probabilities is not None
     return labels, probabilities
 
 
 def _segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *, batch_size: int,
-             with_probabilities: bool) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
+             with_probabilities: bool,
+             progress: Progress | None = None) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
     if len(spacing) != 3 or any(not s > 0 for s in spacing):
@@ -102,14 +112,18 @@ def _segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, mode
     target = native if spec.spacing_mm is None else resampled_shape(native, spacing, spec.spacing_mm)
     classes = [s.label for s in manifest.output.segments]
     probabilities = np.zeros((len(classes), *target), dtype=np.uint8) if with_probabilities else None
+    # slices of the model's grid done, told as slices of the series
+    told = None if progress is None else \
+        (lambda done, total: progress(min(native[0], round(done * native[0] / max(total, 1))), native[0]))
     if target == native:
         labels = sliding_window(hu, spec.patch_size, spec.overlap, model, channels,
                                 transform=lambda p: window(p, low, high), batch_size=batch_size,
-                                probabilities=probabilities, classes=classes)
+                                probabilities=probabilities, classes=classes, progress=told)
     else:
         work = resample_linear(hu, target, transform=lambda p: window(p, low, high))
         labels = sliding_window(work, spec.patch_size, spec.overlap, model, channels,
-                                batch_size=batch_size, probabilities=probabilities, classes=classes)
+                                batch_size=batch_size, probabilities=probabilities, classes=classes,
+                                progress=told)
         del work
         labels = resample_nearest(labels, native)
         if probabilities is not None:
@@ -249,13 +263,14 @@ def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: 
                    channels: int, *,
                    transform: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
                    batch_size: int = 4, probabilities: NDArray[np.uint8] | None = None,
-                   classes: Sequence[int] = ()) -> NDArray[np.uint8]:
+                   classes: Sequence[int] = (), progress: Progress | None = None) -> NDArray[np.uint8]:
     """Argmax labels of ``volume`` from Gaussian-blended patch probabilities.
 
     Volumes smaller than the patch are padded with 0 (after ``transform``). Probabilities live
     only for the rows of patches in flight, so memory is one patch depth of the volume's slices.
     With ``probabilities`` (``(len(classes), z, y, x)`` uint8), the blended probability of each
-    channel in ``classes`` is also written there as ``round(255 * p)``.
+    channel in ``classes`` is also written there as ``round(255 * p)``. ``progress`` is told the slices
+    finished so far (of ``volume``'s) each time a batch completes some.
     """
     if probabilities is not None and probabilities.shape != (len(classes), *volume.shape):
         raise ValueError(f"probabilities has shape {probabilities.shape}; expected "
@@ -312,7 +327,10 @@ def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: 
         return block
 
     for group in _batches(((z, y, x) for z in z_starts for (y, x) in plane), per_batch):
+        before = buf_start
         finalise(group[0][0])
+        if progress is not None and buf_start > before:
+            progress(min(buf_start, nz), nz)
         extend(group[-1][0] + pz)
         batch = np.zeros((per_batch, 1, pz, py, px), dtype=np.float32)
         for i, (z, y, x) in enumerate(group):
@@ -327,6 +345,8 @@ def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: 
             zb = z - buf_start
             acc[:, zb:zb + pz, y:y + py, x:x + px] += probs[i] * weights
     finalise(nz + pz)
+    if progress is not None:
+        progress(nz, nz)
     return labels
 
 

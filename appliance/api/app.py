@@ -1,9 +1,10 @@
 """The FastAPI application: routers, the guard, and errors as ``{code, message, request_id}``.
 
-Secure by default: every route but ``/health``, ``POST /auth/login`` and the dashboard's files needs
-a signed-in user (the dashboard's session cookie, or a user's API token as ``Authorization: Bearer``)
-whose roles grant the route's permission (:mod:`appliance.api.permissions`); STOW-RS under
-``/dicom-web/`` needs a sender's own token instead. The interactive docs and OpenAPI schema are not served.
+Secure by default: every route but ``/health`` (and ``/health/live``, ``/health/ready``), ``POST /auth/login``
+and the dashboard's files needs a signed-in user (the dashboard's session cookie, or a user's API token as
+``Authorization: Bearer``) whose roles grant the route's permission (:mod:`appliance.api.permissions`);
+STOW-RS under ``/dicom-web/`` needs a sender's own token instead, and ``/metrics`` a scraper's address (and
+token, :class:`appliance.settings.MetricsSettings`). The interactive docs and OpenAPI schema are not served.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
-from appliance.api import fl, models, review, signin, status, stow
+from appliance.api import fl, models, operations, review, signin, status, stow
 from appliance.api.auth import GuardMiddleware, require_declared
 from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
@@ -60,6 +61,7 @@ def create_app(settings: Settings, store: Store, service: Service | None = None,
     app.add_middleware(GuardMiddleware, api=settings.api, accounts=accounts, senders=settings.router.stow_senders)
     install_error_handlers(app)
     app.include_router(status.public_router())
+    app.include_router(operations.build_router(ctx))
     app.include_router(signin.build_router(ctx))
     app.include_router(status.build_router(ctx))
     app.include_router(fl.build_router(ctx))

@@ -15,6 +15,9 @@ cookie's ``SameSite=Strict``).
 
 DICOMweb ingest (:data:`DICOMWEB_PREFIX`) has its own credentials: each STOW-RS sender's token, from
 that sender's addresses only. No user's token opens it, and a sender's token opens nothing else.
+
+``/metrics`` (Prometheus) too: a scrape from ``api.metrics.hosts`` (default: this machine), carrying
+``api.metrics.token`` when one is set. No user's token or session opens it.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class GuardMiddleware(BaseHTTPMiddleware):
         template, matched = match(method, request.url.path)
         access = access_for(method, template) if matched and template is not None else None
         csrf_ok = request.headers.get(CSRF_HEADER, "").lower() == CSRF_VALUE
+        if matched and access is Open.METRICS:
+            return self._scraper(request, rid, str(template))
         if matched and access is Open.PUBLIC:
             if method not in SAFE_METHODS and not csrf_ok:
                 return self._refuse(request, rid, 403, "csrf", f"this request needs the header {CSRF_HEADER}: "
@@ -160,6 +165,19 @@ class GuardMiddleware(BaseHTTPMiddleware):
         if access is Open.STOW_SENDER:
             return self._refuse(request, rid, 403, "forbidden", "only a DICOMweb sender may use this route")
         request.state.checked = (plain_method(method), template)
+        return None
+
+    def _scraper(self, request: Request, rid: str, template: str) -> Response | None:
+        """Let a metrics scrape through, or refuse it (404 when metrics are off)."""
+        metrics = self._api.metrics
+        if not metrics.enabled:
+            return error_response(404, "not_found", "metrics are off (api.metrics.enabled)", rid)
+        if not metrics.allows(client_address(request)):
+            return self._refuse(request, rid, 401, "unauthorized", "metrics are not served to this address "
+                                "(api.metrics.hosts)", headers=_BEARER)
+        if metrics.token is not None and not token_matches(request.headers.get("authorization"), metrics.token):
+            return self._refuse(request, rid, 401, "unauthorized", "the metrics token is required", headers=_BEARER)
+        request.state.checked = (plain_method(request.method), template)
         return None
 
     def _authenticate(self, request: Request, rid: str, route: str) -> Principal | Response:

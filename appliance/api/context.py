@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from appliance.health import Readiness
+from appliance.metrics import Metrics, StateCollector
 from appliance.models import ModelRegistry
 from appliance.settings import Settings
 from appliance.store import Store
@@ -36,6 +38,8 @@ class ApiContext:
     accounts: Accounts
     service: Service | None = None
     _registry: ModelRegistry | None = field(default=None, repr=False)
+    _metrics: Metrics | None = field(default=None, repr=False)
+    _readiness: Readiness | None = field(default=None, repr=False)
 
     @property
     def registry(self) -> ModelRegistry:
@@ -45,3 +49,25 @@ class ApiContext:
         if self._registry is None:
             self._registry = ModelRegistry.from_settings(self.settings, audit=self.store.record)
         return self._registry
+
+    @property
+    def metrics(self) -> Metrics:
+        """The service's metrics (one registry per process), or the app's own over the store."""
+        if self.service is not None:
+            return self.service.metrics
+        if self._metrics is None:
+            self._metrics = Metrics()
+            storage = self.settings.storage
+            self._metrics.watch(StateCollector(self.store, self.settings.data_dir, storage.min_free_mb * 2**20,
+                                               [d.name for d in self.settings.dispatch.destinations]))
+        return self._metrics
+
+    @property
+    def readiness(self) -> Readiness:
+        """The service's readiness checks (its listeners too), or the store's and the disk's alone."""
+        if self.service is not None:
+            return self.service.readiness
+        if self._readiness is None:
+            self._readiness = Readiness(self.store, self.settings.data_dir,
+                                        self.settings.storage.min_free_mb * 2**20)
+        return self._readiness

@@ -28,12 +28,17 @@ class Open(StrEnum):
     SIGNED_IN = "signed-in"
     #: a STOW-RS sender's own token (``router.stow_senders``), from its own addresses; no user may
     STOW_SENDER = "stow-sender"
+    #: a metrics scraper: from ``api.metrics.hosts``, with ``api.metrics.token`` when set; no user's token
+    METRICS = "metrics"
 
 
 Access = Permission | Open
 
 ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/health"): Open.PUBLIC,
+    ("GET", "/health/live"): Open.PUBLIC,
+    ("GET", "/health/ready"): Open.PUBLIC,
+    ("GET", "/metrics"): Open.METRICS,
     # the dashboard's files (its data comes from the routes below)
     ("GET", "/"): Open.PUBLIC,
     ("GET", "/ui"): Open.PUBLIC,

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.metrics import Ingest, MeteredSink
 from dicom_router.stow import DICOM_JSON_MEDIA_TYPE, StowIngest, StowLimits, StowRequestError, StowResult
 from dicom_router.stow_budget import QuarantineBudget
 from dicom_router.uids import is_valid_uid
@@ -55,6 +56,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             "parts_per_hour": settings.stow_quarantine_parts_per_hour}))
 
     budget = QuarantineBudget.from_settings(settings, on_spent=budget_spent)
+    sink = MeteredSink(ctx.store, ctx.metrics, Ingest.STOW)
     # handlers run on the event loop's one thread: a plain counter is enough
     active = [0]
 
@@ -105,7 +107,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
         client = request.client.host if request.client else ""
         active[0] += 1
         try:
-            ingest = StowIngest(request.headers.get("content-type", ""), ctx.store, sender, client, study_uid,
+            ingest = StowIngest(request.headers.get("content-type", ""), sink, sender, client, study_uid,
                                 limits=limits, budget=budget)
             try:
                 whole = await receive(request, ingest)

@@ -18,6 +18,7 @@ from typing import Any
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.cli.common import also_after, cli_actor, parser, settings_from
+from appliance.db.engine import Dialect, Tx
 from appliance.store import Store
 
 #: the columns of an export, in order
@@ -90,10 +91,10 @@ def _verify(database: Path, anchors: list[str], as_json: bool, record: Path | No
         sys.stderr.write(f"portico audit: {exc}\n")
         return 2
     with closing(_read_only(database)) as db:
-        result = audit_chain.verify(db)
+        result = audit_chain.verify(Tx(db, Dialect.SQLITE))
         problem = result.problem
         for audit_id, digest in parsed:
-            problem = problem or audit_chain.check_anchor(db, audit_id, digest)
+            problem = problem or audit_chain.check_anchor(Tx(db, Dialect.SQLITE), audit_id, digest)
     if as_json:
         sys.stdout.write(json.dumps({
             "ok": problem is None, "rows": result.rows, "last_id": result.last_id, "last_hash": result.last_hash,
@@ -137,7 +138,7 @@ def _export(database: Path, data_dir: Path, args: argparse.Namespace) -> int:
         sql, params = sql + " AND ts < ?", [*params, until.timestamp()]
     with closing(_read_only(database)) as db:
         rows = [_row(r) for r in db.execute(sql + " ORDER BY id", params)]
-        chain = audit_chain.verify(db)
+        chain = audit_chain.verify(Tx(db, Dialect.SQLITE))
     text = _csv(rows) if args.format == "csv" else json.dumps({
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "since": since.isoformat(), "until": until.isoformat() if until else None,

@@ -34,9 +34,9 @@ from appliance.cli.common import parser, settings_from
 from appliance.fl import build_supervisor, decide_job, install_candidate, layout_of, refresh_cohorts
 from appliance.settings import Settings
 from appliance.store import Store
-from fl_client.approvals import DecisionKind
+from fl_client.approvals import Approvals, DecisionKind
 from fl_client.errors import FLClientError
-from fl_client.job_review import review_job
+from fl_client.job_review import review_job, save_review
 from fl_client.kit import FINGERPRINT_WAIVER_FLAG, enrolment, install_kit, is_signed_zip, make_request, package_signed
 from fl_client.layout import SiteLayout
 from fl_client.policy import write_policy
@@ -110,6 +110,8 @@ def main(argv: Sequence[str]) -> int:
     st.add_argument("--json", action="store_true", dest="as_json")
     ins = sub.add_parser("inspect", help="what a job folder will do here, and the content hash to approve")
     ins.add_argument("folder", type=Path)
+    ins.add_argument("--for", dest="for_job", metavar="JOB_ID",
+                     help="keep the review for this waiting job: the dashboard shows it, an approval binds it")
     ins.add_argument("--json", action="store_true", dest="as_json")
     ap = sub.add_parser("approve", help="approve a waiting job's content (shown before it is bound)")
     ap.add_argument("job_id")
@@ -127,7 +129,7 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     settings = settings_from(args)
     layout = layout_of(settings)
-    store = Store(settings.data_dir, fsync=settings.storage.fsync)
+    store = Store.from_settings(settings)
     try:
         return _dispatch(args, settings, layout, store)
     except (FLClientError, PackageError) as exc:
@@ -169,6 +171,11 @@ def _dispatch(args: object, settings: Settings, layout: SiteLayout, store: Store
         site = enrolment(layout)
         review = review_job(a["folder"], settings.fl, site.site if site else None, layout=layout,
                             project=site.project if site else None)
+        if a.get("for_job"):
+            if Approvals(layout).pending_job(a["for_job"]) is None:
+                sys.stderr.write(f"job {a['for_job']} is not waiting at this site\n")
+                return 1
+            save_review(layout, a["for_job"], review)
         if a["as_json"]:
             sys.stdout.write(json.dumps(review.to_json(), indent=2, default=str) + "\n")
         else:

@@ -11,6 +11,9 @@ from appliance.file_modes import OWNER_ONLY_UMASK
 
 COMMANDS = {
     "serve": ("appliance.cli.serve", "run the appliance (SCP, jobs, dispatch)"),
+    "receive": ("appliance.cli.receive", "run only the receiving role (C-STORE SCP, STOW-RS, hand-off)"),
+    "work": ("appliance.cli.work", "run only inference workers (jobs from the shared queue)"),
+    "dispatch": ("appliance.cli.dispatch", "run only the dispatcher (results out, ATNA, retention)"),
     "demo": ("appliance.cli.demo", "start Orthanc + Portico, send a phantom study, show the results"),
     "echo": ("appliance.cli.echo", "C-ECHO a configured destination"),
     "send": ("appliance.cli.send", "C-STORE files to a configured destination"),
@@ -21,7 +24,9 @@ COMMANDS = {
     "status": ("appliance.cli.status", "studies, jobs and outbox at a glance"),
     "audit": ("appliance.cli.audit", "audit verify | export: the tamper-evident audit trail"),
     "users": ("appliance.cli.users", "users add|list|disable|enable|passwd|roles|token|tokens|revoke|unlock: accounts"),
+    "db": ("appliance.cli.db", "db status|migrate|backup|restore: the appliance database's version and backups"),
     "purge": ("appliance.cli.purge", "purge [--dry-run]: remove what storage.retention no longer keeps"),
+    "doctor": ("appliance.cli.doctor", "check ports, certificates, peers, disk, permissions, models; say what to fix"),
 }
 
 USAGE = "usage: portico COMMAND [ARGS]\n\ncommands:\n" + "\n".join(

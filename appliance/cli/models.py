@@ -60,7 +60,7 @@ def main(argv: Sequence[str]) -> int:
     if args.action in ("keygen", "sign", "import"):
         return _offline(p, args)
     settings = settings_from(args)
-    store = Store(settings.data_dir, fsync=settings.storage.fsync, min_free_mb=0)
+    store = Store.from_settings(settings)
     try:
         registry = ModelRegistry.from_settings(settings, audit=store.record)
         actor = cli_actor()

@@ -25,7 +25,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", dest="as_json")
     args = p.parse_args(argv)
     settings = settings_from(args)
-    store = Store(settings.data_dir, fsync=False)
+    store = Store.from_settings(settings, fsync=False)
     try:
         report = Retention(store, settings.storage.retention, protected=fl_cohort_studies(settings),
                            actor="portico purge").purge(dry_run=args.dry_run)

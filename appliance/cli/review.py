@@ -113,7 +113,7 @@ def main(argv: Sequence[str]) -> int:
     wd.add_argument("--reason", required=True)
     args = p.parse_args(argv)
     settings = settings_from(args)
-    store = Store(settings.data_dir, fsync=settings.storage.fsync)
+    store = Store.from_settings(settings)
     try:
         reviews = Reviews(store, settings.review)
         if args.action == "list":

@@ -61,7 +61,7 @@ def _explain(args: argparse.Namespace) -> int:
     except RulesError as exc:
         sys.stderr.write(f"{exc}\n")
         return 1
-    store = Store(settings.data_dir, fsync=False)
+    store = Store.from_settings(settings, fsync=False)
     try:
         explanation = explain_stored(store, rules, args.study_uid)
     finally:

@@ -17,7 +17,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", dest="as_json")
     args = p.parse_args(argv)
     settings = settings_from(args)
-    store = Store(settings.data_dir, fsync=False)
+    store = Store.from_settings(settings, fsync=False)
     try:
         summary = store.summary()
     finally:

@@ -120,7 +120,7 @@ def main(argv: Sequence[str]) -> int:
     rv.add_argument("token_id")
     args = p.parse_args(argv)
     settings = settings_from(args)
-    store = Store(settings.data_dir, fsync=settings.storage.fsync)
+    store = Store.from_settings(settings)
     actor = cli_actor()
     try:
         accounts = Accounts(store, settings.api)

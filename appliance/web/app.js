@@ -364,9 +364,160 @@
     }
   }
 
-  const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed };
+  // --- federated learning: this site's state and the jobs waiting for its approval -------------
+
+  function rows(table, pairs) {
+    const body = table.tBodies[0] || table.createTBody();
+    body.textContent = "";
+    for (const [key, value] of pairs) {
+      const row = body.insertRow();
+      cell(row, key, true);
+      cell(row, value === null || value === undefined ? "–" : typeof value === "object" ? JSON.stringify(value)
+        : String(value));
+    }
+  }
+
+  async function loadFl() {
+    const st = await api("/fl/status");
+    $("fl-enrolled").textContent = st.enrolled ? "yes" : "no";
+    $("fl-state").textContent = st.state;
+    const running = st.running_jobs || [];
+    $("fl-current").textContent = running.length ? running.join(", ") : "none";
+    const current = running.length ? (st.jobs || {})[running[0]] : null;
+    const last = current && current.last_round;
+    $("fl-round").textContent = last ? String(last.round) : "–";
+    $("fl-identity").textContent = st.enrolled
+      ? "Site " + st.site + " of project " + st.project + " (server " + st.server + ")." : "Not enrolled.";
+    const budget = (st.privacy && st.privacy.budget) || {};
+    const bt = $("fl-budget").tBodies[0];
+    bt.textContent = "";
+    const row = bt.insertRow();
+    cell(row, budget.project || "–", true);
+    cell(row, num(budget.epsilon_spent || 0, 3));
+    cell(row, budget.epsilon_budget === null ? "none (no noise)" : num(budget.epsilon_budget, 3));
+    cell(row, budget.epsilon_left === null ? "–" : num(budget.epsilon_left, 3));
+    cell(row, budget.delta);
+    cell(row, budget.rounds_accounted || 0);
+    $("fl-exhausted").hidden = !budget.exhausted;
+    $("fl-exhausted").textContent = budget.exhausted
+      ? "Budget spent: " + (budget.exhausted.reason || "") + " This site sends no more updates to the project." : "";
+    const list = $("fl-pending");
+    list.textContent = "";
+    for (const job of st.pending_approval || []) {
+      list.append(renderFlJob(job));
+    }
+    $("fl-empty").hidden = (st.pending_approval || []).length > 0;
+  }
+
+  function renderFlJob(job) {
+    const item = $("fl-item").content.firstElementChild.cloneNode(true);
+    item.id = "fl-job-" + job.job_id;
+    item.dataset.jobId = job.job_id;
+    item.querySelector("h3").textContent = "Job " + job.job_id + ": " + job.name;
+    item.querySelector(".submitter").textContent = job.submitter;
+    item.querySelector(".asked").textContent = when(job.first_seen) + " (" + job.attempts + " time(s))";
+    item.querySelector(".waits").textContent = job.reason;
+    // the content to approve: what `portico fl inspect --for` showed, else what was deployed here
+    const review = job.review || (job.deployed && job.deployed.client_app_sha256 ? {
+      trainer: job.deployed.trainer, client_app_sha256: job.deployed.client_app_sha256,
+      problems: job.deployed.problems || [] } : null);
+    if (review) {
+      item.querySelector(".content").hidden = false;
+      const trainer = Object.assign({}, review.trainer || {});
+      const pairs = [["model", trainer.model], ["cohort", trainer.cohort], ["rounds", review.rounds]];
+      for (const key of Object.keys(trainer).sort()) {
+        if (key !== "model" && key !== "cohort") {
+          pairs.push([key, trainer[key]]);
+        }
+      }
+      if (review.server && review.server.workflow) {
+        pairs.push(["server workflow", review.server.workflow]);
+      }
+      rows(item.querySelector("table.trainer"), pairs);
+      const privacy = review.privacy || {};
+      rows(item.querySelector("table.privacy"), [
+        ["ε spent so far", privacy.epsilon_spent_so_far], ["ε after this job", privacy.epsilon_after_this_job],
+        ["budget ε", privacy.epsilon], ["δ", privacy.delta], ["clip norm", privacy.clip_norm],
+        ["noise multiplier", privacy.noise_multiplier], ["noise std", privacy.noise_std],
+        ["min series / patients", [privacy.min_series, privacy.min_patients].join(" / ")],
+        ["min examples per round", privacy.min_examples_per_round], ["excluded variables", privacy.exclude_vars],
+        ["normalisation statistics", privacy.normalisation_statistics], ["note", privacy.note]]
+        .filter(([, v]) => v !== undefined));
+      item.querySelector(".hash").textContent = review.client_app_sha256;
+      item.querySelector(".job-hash").textContent = review.job_sha256 || "–";
+      for (const problem of review.problems || []) {
+        const li = document.createElement("li");
+        li.textContent = "Refused by this site: " + problem;
+        item.querySelector(".problems").append(li);
+      }
+      item.dataset.sha256 = review.client_app_sha256;
+    } else {
+      item.querySelector(".no-content").hidden = false;
+      item.querySelector(".job-ref").textContent = job.job_id;
+    }
+    if (job.decided) {
+      const decided = document.createElement("p");
+      decided.className = "decided state-" + job.decided.decision;
+      decided.textContent = (job.decided.decision === "approved" ? "Approved" : "Rejected") + " by " +
+        job.decided.actor + " " + when(job.decided.at) +
+        (job.decided.client_app_sha256 ? " (content sha256 " + job.decided.client_app_sha256 + ")" : "") +
+        "; the server has not asked again yet.";
+      item.querySelector(".facts").after(decided);
+    }
+    if (!may("fl.decide")) {
+      item.querySelector("form").remove();
+      item.querySelector(".read-only").hidden = false;
+      return item;
+    }
+    if (job.decided && job.decided.decision === "approved") {
+      item.querySelector("form").remove();
+      return item;
+    }
+    const reason = item.querySelector("textarea");
+    reason.id = "fl-reason-" + job.job_id;
+    item.querySelector("label").htmlFor = reason.id;
+    const approve = item.querySelector(".approve");
+    approve.disabled = !review || (review.problems || []).length > 0;
+    approve.title = approve.disabled ? "Only reviewed content that the site's floor allows can be approved" : "";
+    approve.setAttribute("aria-label", "Approve FL job " + job.job_id);
+    item.querySelector(".reject").setAttribute("aria-label", "Reject FL job " + job.job_id);
+    item.querySelector("form").addEventListener("submit", (event) => event.preventDefault());
+    approve.addEventListener("click", () => decideFl(item, "approve"));
+    item.querySelector(".reject").addEventListener("click", () => decideFl(item, "reject"));
+    return item;
+  }
+
+  async function decideFl(item, action) {
+    clearNotices();
+    const jobId = item.dataset.jobId;
+    const reason = item.querySelector("textarea").value.trim();
+    if (action === "reject" && !reason) {
+      showError({ code: "invalid_request", message: "a reason is required to reject FL job " + jobId + "." });
+      item.querySelector("textarea").focus();
+      return;
+    }
+    const body = { reason: reason };
+    if (action === "approve") {
+      body.content_sha256 = item.dataset.sha256;  // the content shown is the content bound
+    }
+    const buttons = item.querySelectorAll("button");
+    buttons.forEach((b) => { b.disabled = true; });
+    try {
+      const made = await api("/fl/jobs/" + encodeURIComponent(jobId) + "/" + action, { method: "POST", body: body });
+      announce(action === "approve"
+        ? "FL job " + jobId + " approved: content sha256 " + made.client_app_sha256 + "."
+        : "FL job " + jobId + " rejected.");
+      await loadFl();
+    } catch (err) {
+      buttons.forEach((b) => { b.disabled = false; });
+      showError(err);
+    }
+  }
+
+  const VIEWS = { status: loadStatus, queue: loadQueue, reviewed: loadReviewed, fl: loadFl };
   // what each view reads (appliance.roles)
-  const VIEW_PERMISSIONS = { status: "status.read", queue: "review.read", reviewed: "review.read" };
+  const VIEW_PERMISSIONS = { status: "status.read", queue: "review.read", reviewed: "review.read",
+    fl: "status.read" };
 
   async function show(name) {
     for (const view of Object.keys(VIEWS)) {
@@ -408,6 +559,8 @@
     }
     // nothing fetched while signed in stays on the page
     $("queue-items").textContent = "";
+    $("fl-pending").textContent = "";
+    $("fl-budget").tBodies[0].textContent = "";
     for (const id of ["jobs-by-state", "outbox-by-state", "recent-jobs", "reviewed-table"]) {
       $(id).tBodies[0].textContent = "";
     }

@@ -1,16 +1,17 @@
 """A planar view of each segment for the SR: its reference slice, area there, and outline.
 
-Viewers that read TID 1500 (OHIF among them) draw planar ROIs (TID 1410: a SCOORD on one source
+Viewers that read TID 1500 (OHIF among them) draw planar measurements (a SCOORD on one source
 image) and ignore volumetric groups that reference a SEG. So each segment also gets its
 cross-section on a *reference slice*: the slice where the segment's area is largest (ties go to the
 lowest slice index). A model cannot name an anatomical level (such as L3, the body-composition
 convention) without locating it; a model that does so would pass that slice in instead.
 
-The outline is the outer boundary of the segment's largest 4-connected region on that slice with
-its holes filled, traced along pixel edges, in SCOORD image coordinates: (column, row), the top-left
-corner of the top-left pixel at (0, 0). The area reported is the segment's whole area on the slice
-(every region, holes excluded), so it can differ from the area inside the outline; the SR says so in
-its tracking identifier.
+The outline encloses exactly what the area measures: the segment's pixels on that slice, every
+region and every hole, traced along pixel edges in SCOORD image coordinates ((column, row), the
+top-left corner of the top-left pixel at (0, 0)) and joined into one closed polyline by zero-width
+bridges. A viewer that computes the area or statistics inside the polyline (OHIF does, once it
+loads the measurement into its own tool) so gets the segment's, not those of its largest region's
+hull; the bridges show as thin lines between the regions.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 #: a closed outline is simplified (Douglas–Peucker) to within this many pixels of the pixel edges
 SIMPLIFY_PX = 0.5
 #: …and never keeps more than this many points
-MAX_POINTS = 1000
+MAX_POINTS = 4000
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,6 @@ def _loops(region: NDArray[np.bool_]) -> list[list[tuple[int, int]]]:
     return loops
 
 
-def _shoelace(points: NDArray[np.float64]) -> float:
-    x, y = points[:, 0], points[:, 1]
-    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _simplify(points: NDArray[np.float64], tolerance: float) -> NDArray[np.float64]:
     """Douglas–Peucker on an open polyline (both ends kept)."""
     keep = np.zeros(len(points), dtype=bool)
@@ -123,33 +118,63 @@ def _simplify(points: NDArray[np.float64], tolerance: float) -> NDArray[np.float
     return points[keep]
 
 
+def _closed_simplified(points: NDArray[np.float64], tolerance: float) -> NDArray[np.float64]:
+    """Douglas–Peucker on a closed loop (first point not repeated), split at its farthest point."""
+    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
+    closed = np.vstack([points, points[:1]])
+    return np.vstack([_simplify(closed[:far + 1], tolerance)[:-1], _simplify(closed[far:], tolerance)[:-1]])
+
+
+def _bridged(loops: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+    """One closed path through ``loops``: each joins the path at its nearest vertex by a bridge walked there
+    and back. A bridge adds nothing to the shoelace area (its two walks cancel) nor to an even–odd fill."""
+    order = sorted(loops, key=lambda loop: -abs(_signed_area(loop)))
+    path = order[0]
+    for loop in order[1:]:
+        distances = np.hypot(path[:, None, 0] - loop[None, :, 0], path[:, None, 1] - loop[None, :, 1])
+        i, j = np.unravel_index(int(np.argmin(distances)), distances.shape)
+        entered = np.vstack([loop[j:], loop[:j + 1]])  # round the loop from its vertex j back to it
+        path = np.vstack([path[:i + 1], entered, path[i:]])
+    return path
+
+
+def _signed_area(points: NDArray[np.float64]) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return float(0.5 * (np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
 def outline(mask2d: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """The closed outline (column, row) of the largest region of ``mask2d``, holes filled.
+    """A closed polyline (column, row) that encloses exactly the pixels of ``mask2d``.
+
+    Every region's boundary and every hole's is traced along pixel edges (regions clockwise on the
+    screen, holes the other way round), simplified to within :data:`SIMPLIFY_PX`, and the loops are
+    joined into one path by zero-width bridges: its shoelace area (what a viewer computes for a closed
+    polyline) is the segment's area on the slice, and an even–odd fill covers its pixels.
 
     Raises
     ------
     ValueError
         When ``mask2d`` is empty.
     """
-    components, count = ndimage.label(mask2d)
-    if count == 0:
+    if not mask2d.any():
         raise ValueError("no region to outline")
-    sizes = np.bincount(components.ravel())[1:]
-    region = ndimage.binary_fill_holes(components == (int(np.argmax(sizes)) + 1))
-    loops = _loops(np.asarray(region, dtype=bool))
-    # (row, column) corners → (column, row) points; the largest loop is the outer boundary
-    candidates = [np.array([(c, r) for r, c in loop], dtype=np.float64) for loop in loops]
-    points = max(candidates, key=_shoelace)
-    # split the closed loop at its farthest point from the start so both halves simplify well
-    far = int(np.argmax(np.hypot(*(points - points[0]).T)))
-    closed = np.vstack([points, points[:1]])
+    # (row, column) corners → (column, row) points
+    loops = [np.array([(c, r) for r, c in loop], dtype=np.float64) for loop in _loops(np.asarray(mask2d, dtype=bool))]
     tolerance = SIMPLIFY_PX
     while True:
-        simplified = np.vstack([_simplify(closed[:far + 1], tolerance)[:-1], _simplify(closed[far:], tolerance)])
-        if len(simplified) <= MAX_POINTS:
+        simplified = [_closed_simplified(loop, tolerance) for loop in loops]
+        # a loop simplified to a line encloses nothing; drop it (only a coarse tolerance does that)
+        simplified = [loop for loop in simplified if len(loop) >= 3 and _signed_area(loop) != 0.0]
+        if not simplified:  # nothing left at this tolerance: the largest loop at the finest one
+            simplified = [max((_closed_simplified(loop, SIMPLIFY_PX) for loop in loops),
+                              key=lambda loop: abs(_signed_area(loop)))]
+            path = _bridged(simplified)
+            break
+        path = _bridged(simplified)
+        if len(path) + 1 <= MAX_POINTS:
             break
         tolerance *= 2
-    return simplified.astype(np.float32)
+    return np.vstack([path, path[:1]]).astype(np.float32)
 
 
 def planar_regions(labels: NDArray[np.uint8], label_values: list[int],

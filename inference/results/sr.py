@@ -6,13 +6,17 @@ the manifest's measurements: Volume (SCT 118565006, cm3) and, for CT, the attenu
 (DCM 112031, HU) with derivation Mean, Standard Deviation, Minimum or Maximum. An empty segment
 reports a volume of 0 and no intensity statistics.
 
-For each non-empty segment a TID 1410 planar group follows (viewers such as OHIF draw only planar
-ROIs): the segment's area (SCT 42798000, cm2) on its reference slice, with the outline of its
-largest region there as a SCOORD POLYLINE on that source image (:mod:`inference.results.planar`).
-Both groups of a segment carry the same tracking identifier and UID (the SEG's): they measure the
-same tracked finding. OHIF (3.13) merges groups by tracking UID into one measurement; a volumetric
-group with a UID of its own becomes a measurement without coordinates, which stops OHIF from showing
-the report at all (it reads ``coords[0]`` of every measurement).
+For each non-empty segment a TID 1501 group follows (viewers such as OHIF draw only planar
+measurements): the segment's area (SCT 42798000, cm2) on its reference slice, INFERRED FROM its
+outline there as a SCOORD POLYLINE on that source image (:mod:`inference.results.planar`). The
+outline sits under the area rather than at group level (TID 1410, which forbids it there) because
+that is where OHIF's cornerstone adapters read a planar tool's outline; the group's Tracking
+Identifier starts with :data:`PLANAR_TOOL_PREFIX` so that OHIF loads it into its PlanarFreehandROI
+tool and lists it in its measurements panel. Both groups of a segment carry the same tracking UID
+(the SEG's): they measure the same tracked finding. OHIF (3.13) merges groups by tracking UID into
+one measurement; a volumetric group with a UID of its own becomes a measurement without
+coordinates, which stops OHIF from showing the report at all (it reads ``coords[0]`` of every
+measurement).
 
 The report says it is machine output: the observer is the appliance (a device observer, TID 1004),
 every group names the algorithm (TID 4019), the series description starts with "AI", the document
@@ -50,6 +54,9 @@ ATTENUATION = SrCode("112031", "DCM", "Attenuation Coefficient")
 HOUNSFIELD_UNIT = SrCode("[hnsf'U]", "UCUM", "Hounsfield unit")
 AREA = SrCode("42798000", "SCT", "Area")
 SQUARE_CENTIMETER = SrCode("cm2", "UCUM", "square centimeter")
+#: how a planar group's Tracking Identifier starts so that OHIF loads it into its PlanarFreehandROI tool
+#: and lists it in its measurements panel (cornerstone3D's SR adapters pick a tool by this text prefix)
+PLANAR_TOOL_PREFIX = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:"
 #: derivation (CID 7464) of each intensity statistic, and where it sits in SegmentMeasurement
 DERIVATIONS: dict[Measurement, tuple[SrCode, str]] = {
     Measurement.MEAN: (SrCode("373098007", "SCT", "Mean"), "mean"),
@@ -100,31 +107,36 @@ def _measurements(found: SegmentMeasurement, wanted: Sequence[Measurement],
     return out
 
 
-def _tracking(uid_root: str, run_key: str, manifest: Manifest, label: int, name: str) -> hd.sr.TrackingIdentifier:
+def _tracking(uid_root: str, run_key: str, manifest: Manifest, label: int, name: str,
+              prefix: str = "") -> hd.sr.TrackingIdentifier:
     """The segment as a tracked finding: one UID (the SEG's) for its volumetric and its planar group."""
     return hd.sr.TrackingIdentifier(uid=tracking_uid(uid_root, run_key, manifest, label),
-                                    identifier=lo(f"{manifest.name} {name}"))
+                                    identifier=prefix + lo(f"{manifest.name} {name}"))
 
 
 def _planar_group(region: PlanarRegion, volume: Volume, tracking: hd.sr.TrackingIdentifier,
                   finding_type: hd.sr.CodedConcept, finding_category: hd.sr.CodedConcept,
-                  algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: the segment's area on its reference slice, outlined on that source image."""
+                  algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the segment's area on its reference slice, inferred from its outline on that source image.
+
+    The outline sits under the area (TID 300 INFERRED FROM, TID 320), not at group level as in TID 1410:
+    that is where OHIF's cornerstone adapters read a planar tool's outline, and TID 1410 forbids it.
+    """
     source = volume.frames[region.slice_index]
     image = volume.datasets[source.instance]
     frames = [source.frame] if volume.is_multiframe else None
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    area = hd.sr.Measurement(
+        name=AREA, value=round(region.area_cm2, 4), unit=SQUARE_CENTIMETER,
+        referenced_coordinates=[hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=region.outline,
+            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID, frames))],
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=region.outline,
-            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID, frames),
-            pixel_origin_interpretation=(hd.sr.PixelOriginInterpretationValues.FRAME if frames else None),
-        ),
         finding_type=finding_type,
         finding_category=finding_category,
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=AREA, value=round(region.area_cm2, 4), unit=SQUARE_CENTIMETER)],
+        measurements=[area],
     )
 
 
@@ -171,7 +183,7 @@ label map the SEG encodes, each non-empty segment also gets a planar group (TID 
     )
     source_series = hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for number, segment in enumerate(segments, start=1):
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(uid_root, run_key, manifest, segment.label, segment.name),
@@ -193,7 +205,8 @@ label map the SEG encodes, each non-empty segment also gets a planar group (TID 
             if segment.label not in regions:
                 continue  # an empty segment has no cross-section to outline
             groups.append(_planar_group(
-                regions[segment.label], volume, _tracking(uid_root, run_key, manifest, segment.label, segment.name),
+                regions[segment.label], volume,
+                _tracking(uid_root, run_key, manifest, segment.label, segment.name, PLANAR_TOOL_PREFIX),
                 coded(segment.type), coded(segment.category), algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(

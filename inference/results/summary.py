@@ -309,19 +309,25 @@ def build_summary(
 
 
 def labels_from_seg(seg: Dataset, volume: Volume, manifest: Manifest) -> NDArray[np.uint8]:
-    """The label map (manifest label values, on ``volume``'s grid) a BINARY SEG of this run encodes.
+    """The label map (manifest label values, on ``volume``'s grid) a SEG of this run encodes.
 
-    Frames are unpacked one at a time, so memory stays at the label map. Where segments overlap
-    the higher segment number wins.
+    BINARY: where segments overlap the higher segment number wins. FRACTIONAL: each voxel gets the
+    most probable of the segments and of the background (what the segments leave, 1 − their sum),
+    the segment on a tie; with one segment that is "probability at least one half". This is the
+    label map the run measured when the fractions are the model's class probabilities (the pipeline
+    takes the argmax of the same), so a reviewer sees the regions the SR's numbers come from.
+    Frames are unpacked one at a time, so memory stays at a few arrays of the volume's size.
 
     Raises
     ------
     ValueError
-        When ``seg`` is not BINARY, or a frame references a slice or segment not in ``volume`` or
-        ``manifest``.
+        When ``seg`` is neither BINARY (1 bit) nor FRACTIONAL (8 bits), or a frame references a
+        slice or segment not in ``volume`` or ``manifest``.
     """
-    if seg.get("SegmentationType") != "BINARY" or int(seg.BitsAllocated) != 1:
-        raise ValueError("only BINARY segmentations can be read back for a summary")
+    kind = seg.get("SegmentationType")
+    bits_allocated = int(seg.get("BitsAllocated", 0))
+    if not ((kind == "BINARY" and bits_allocated == 1) or (kind == "FRACTIONAL" and bits_allocated == 8)):
+        raise ValueError("only BINARY (1 bit) and FRACTIONAL (8 bit) segmentations can be read back")
     nz, ny, nx = volume.shape
     rows, cols = int(seg.Rows), int(seg.Columns)
     if (rows, cols) != (ny, nx):
@@ -332,6 +338,10 @@ def labels_from_seg(seg: Dataset, volume: Volume, manifest: Manifest) -> NDArray
     data = np.frombuffer(seg.PixelData, dtype=np.uint8)
     per_frame = rows * cols
     labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    fractional = kind == "FRACTIONAL"
+    if fractional:
+        best = np.zeros((nz, ny, nx), dtype=np.uint8)    # the highest fraction so far
+        total = np.zeros((nz, ny, nx), dtype=np.uint16)  # the segments' sum (background is the rest)
     shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
 
     def segment_number(item: Dataset) -> int:
@@ -348,8 +358,20 @@ def labels_from_seg(seg: Dataset, volume: Volume, manifest: Manifest) -> NDArray
         key = (str(source.ReferencedSOPInstanceUID), int(source.get("ReferencedFrameNumber", 1) or 1))
         if key not in z_of or number not in label_of:
             raise ValueError(f"SEG frame {i + 1} references a slice or segment this run does not have")
+        z = z_of[key]
+        if fractional:
+            values = data[i * per_frame:(i + 1) * per_frame].reshape(rows, cols)
+            wins = (values > 0) & (values >= best[z])  # segments come in number order: a tie goes up
+            labels[z][wins] = label_of[number]
+            best[z][wins] = values[wins]
+            total[z] += values
+            continue
         start = i * per_frame
         bits = np.unpackbits(data[start // 8:(start + per_frame + 7) // 8 + 1], bitorder="little")
         mask = bits[start % 8:start % 8 + per_frame].reshape(rows, cols).astype(bool)
-        labels[z_of[key]][mask] = label_of[number]
+        labels[z][mask] = label_of[number]
+    if fractional:
+        whole = int(seg.get("MaximumFractionalValue", 255))
+        background = np.clip(whole - total.astype(np.int32), 0, None)
+        labels[best < background] = 0
     return labels

@@ -135,6 +135,16 @@ def test_install_system_disables_and_masks_debians_orthanc_service(tmp_path: Pat
     assert "systemctl mask --quiet orthanc.service" in log
 
 
+def test_install_system_disables_and_masks_debians_prometheus_service(tmp_path: Path) -> None:
+    # the tests start their own Prometheus on a free port; Debian's would hold 9090 and scrape on its own
+    proc, log = _install_system(tmp_path, need="prometheus")
+    assert proc.returncode == 0, proc.stderr
+    assert "systemctl mask --quiet prometheus.service" in log
+    assert re.search(r"systemctl disable (--now )?--quiet prometheus.service", log)
+    proc, log = _install_system(tmp_path, need="")
+    assert proc.returncode == 0 and "systemctl mask --quiet prometheus.service" in log
+
+
 def test_install_system_leaves_a_masked_orthanc_service_alone(tmp_path: Path) -> None:
     proc, log = _install_system(tmp_path, need="", STUB_UNIT_STATE="masked")
     assert proc.returncode == 0, proc.stderr
@@ -145,7 +155,7 @@ def test_install_system_lists_every_debian_package() -> None:
     out = subprocess.run([str(REPO / "scripts" / "install-system.sh"), "--list"], capture_output=True, text=True,
                          check=True).stdout.split()
     assert {"orthanc", "orthanc-dicomweb", "dcmtk", "dicom3tools", "chromium", "python3-venv", "rsyslog",
-            "rsyslog-gnutls"} == set(out)
+            "rsyslog-gnutls", "postgresql", "prometheus"} == set(out)
     readme = (REPO / "README.md").read_text()
     missing = [p for p in out if f"`{p}`" not in readme]
     assert not missing, f"README does not name {missing}"

@@ -14,6 +14,7 @@ import pytest
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
 from appliance.cli import audit as audit_cli
+from appliance.db.engine import Dialect, Tx
 from appliance.store import Store
 
 OLD_AUDIT = """CREATE TABLE audit (id INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL, study_uid TEXT,
@@ -38,7 +39,7 @@ def raw(store: Store) -> sqlite3.Connection:
 
 def verify(store: Store) -> audit_chain.Verification:
     with closing(raw(store)) as db:
-        return audit_chain.verify(db)
+        return audit_chain.verify(Tx(db, Dialect.SQLITE))
 
 
 def test_rows_are_chained_and_verify(store: Store) -> None:
@@ -180,8 +181,8 @@ def test_anchor_catches_a_wholesale_rewrite(store: Store) -> None:
             db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev, digest, rid))
             prev = digest
         db.execute("UPDATE audit_head SET last_hash = ?", (prev,))
-        assert audit_chain.verify(db).ok
-        problem = audit_chain.check_anchor(db, 2, anchor_hash)
+        assert audit_chain.verify(Tx(db, Dialect.SQLITE)).ok
+        problem = audit_chain.check_anchor(Tx(db, Dialect.SQLITE), 2, anchor_hash)
     assert problem is not None and problem.kind == "edited" and problem.audit_id == 2
 
 

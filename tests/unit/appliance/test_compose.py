@@ -19,11 +19,34 @@ def _compose() -> dict[str, Any]:
 
 def test_compose_services_volumes_and_healthchecks() -> None:
     compose = _compose()
-    assert set(compose["services"]) == {"orthanc", "portico"}
+    default = {name for name, s in compose["services"].items() if "profiles" not in s}
+    assert default == {"orthanc", "portico"}
     for name, service in compose["services"].items():
         assert "healthcheck" in service, name
         assert service["volumes"], name
-    assert set(compose["volumes"]) == {"orthanc-db", "portico-data"}
+    assert set(compose["volumes"]) == {"orthanc-db", "portico-data", "portico-pg"}
+
+
+def test_the_scaled_profile_runs_the_roles_over_one_postgresql_and_one_data_volume() -> None:
+    services = _compose()["services"]
+    scaled = {name for name, s in services.items() if "scaled" in s.get("profiles", ())}
+    assert scaled == {"postgres", "portico-receive", "portico-work", "portico-dispatch"}
+    roles = {"portico-receive": "receive", "portico-work": "work", "portico-dispatch": "dispatch"}
+    urls = set()
+    for name, role in roles.items():
+        service = services[name]
+        assert f"exec portico {role} " in service["entrypoint"][-1]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "portico-data:/var/lib/portico" in service["volumes"]  # one file store for every role
+        urls.add(service["environment"]["PORTICO_STORAGE__DATABASE"])
+        assert "pg-password" in service["secrets"] and "PGPASSWORD" in service["entrypoint"][-1]
+    assert len(urls) == 1 and urls.pop().startswith("postgresql://portico@postgres:")
+    assert services["portico-work"]["deploy"]["replicas"] >= 2  # scaled workers
+    assert services["portico-dispatch"]["deploy"]["replicas"] == 1  # the outbox runs once per site
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/pg-password"
+    # only the receiver listens for DICOM, on the port the single service would
+    assert [s.get("ports") for s in (services["portico-work"], services["portico-dispatch"])] == [None, None]
+    assert services["portico-receive"]["ports"] == services["portico"]["ports"]
 
 
 def test_compose_agrees_with_the_mounted_portico_config() -> None:

@@ -125,7 +125,7 @@ def test_a_delivered_study_loses_its_instances_then_its_results_then_its_rows(si
     assert (purged.instances, purged.result_files, purged.bytes, purged.forgotten) == (0, 2, 600, True)
     assert not (site.store.results_dir / f"job-{job.id}").exists()
     assert site.store.job(job.id) is None and site.store.outbox() == [] and site.store.results() == []
-    assert site.store.query("SELECT * FROM studies WHERE study_uid = ?", (study,)) == []
+    assert site.store.db.query("SELECT * FROM studies WHERE study_uid = ?", (study,)) == []
     assert [r["detail"]["forgotten"] for r in site.purged()] == [False, True]
 
 
@@ -251,9 +251,11 @@ def test_quarantine_goes_by_age_and_beyond_its_quota_oldest_first(site: Site) ->
     for n in range(4):
         ids.append(site.store.quarantine(b"\0" * 400_000, f"bad {n}", "PACS", "127.0.0.1"))
     # spread the quarantine over time: the first one is 40 days old, the others a few seconds apart
-    site.store.query("UPDATE quarantine SET ts = ts - ? WHERE id = ?", (40 * DAY, ids[0]))
+    with site.store.transaction() as tx:
+        tx.execute("UPDATE quarantine SET ts = ts - ? WHERE id = ?", (40 * DAY, ids[0]))
     for n, qid in enumerate(ids[1:], start=1):
-        site.store.query("UPDATE quarantine SET ts = ts + ? WHERE id = ?", (n, qid))
+        with site.store.transaction() as tx:
+            tx.execute("UPDATE quarantine SET ts = ts + ? WHERE id = ?", (n, qid))
 
     report = site.retention(quarantine_days=30, quarantine_max_mb=1).purge()
     # 40 days old: by age; of the three left (1.2 MB), the oldest is over the 1 MB quota

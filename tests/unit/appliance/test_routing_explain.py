@@ -237,7 +237,9 @@ def test_outbox_view_shows_last_error_and_next_retry(store: Store, tmp_path: Pat
         else:
             store.mark_sent(item.id)
     status = store.summary()["destinations"]
-    assert status["archive"] == {"states": {"SENT": 2}, "last_error": None, "next_retry_at": None}
+    assert status["archive"] == {"states": {"SENT": 2}, "last_error": None, "next_retry_at": None,
+                                 "oldest_pending": None}
+    assert status["pacs"]["oldest_pending"] is not None
     assert status["pacs"]["states"] == {"PENDING": 2}
     assert status["pacs"]["last_error"] == "association refused (A-ASSOCIATE-RJ)"
     assert before + 119 <= status["pacs"]["next_retry_at"] <= time.time() + 121

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Job, JobState, OutboxState, ResultFile, Store
+from appliance.store import Job, JobState, LeaseLost, OutboxState, ResultFile, Store
 from dicom_router.ports import ReceivedInstance, SinkFullError, StoreOutcome
+from tests.support.polling import wait_for
 
 STUDY = "1.2.3.4"
 SERIES = "1.2.3.4.5"
@@ -20,8 +21,8 @@ def instance(n: int, study: str = STUDY) -> ReceivedInstance:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "var")
+def store(tmp_path: Path, database_url: str | None) -> Store:
+    s = Store(tmp_path / "var", database=database_url)
     yield s
     s.close()
 
@@ -79,8 +80,9 @@ def test_hand_off_versions_and_late_instances(store: Store) -> None:
     assert len(store.series_of(STUDY, 2)[SERIES]) == 3
 
 
-def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path) -> None:
-    store = Store(tmp_path / "var")
+def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 database_url: str | None) -> None:
+    store = Store(tmp_path / "var", database=database_url)
     store.store(instance(1))
     run = store.hand_off(STUDY, "count")
     assert run is not None
@@ -89,7 +91,8 @@ def test_jobs_are_unique_per_run_and_rule_and_resume_after_crash(tmp_path: Path)
     job = store.claim_job()
     assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
     store.close()  # "crash" while RUNNING
-    store = Store(tmp_path / "var")
+    monkeypatch.setattr("appliance.store._INCARNATION", "restarted")  # a new process, perhaps with the same pid
+    store = Store(tmp_path / "var", database=database_url)
     assert store.claim_job() is None
     assert store.resume_interrupted() == 1
     again = store.claim_job()
@@ -112,7 +115,8 @@ def test_results_are_queued_once_per_destination(store: Store, tmp_path: Path) -
     job = claimed_job(store)
     res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
     store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
-    store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
+    with pytest.raises(LeaseLost):  # a worker completing a job no longer its own records nothing
+        store.complete_job(job, res, ["pacs", "archive"], "CPUExecutionProvider", "abc", {"load": 0.1})
     due = store.due(10)
     assert sorted(i.destination for i in due) == ["archive", "pacs"]
     store.mark_failed(due[0].id, "refused", retry_in_seconds=3600, permanent=False)
@@ -171,12 +175,12 @@ def test_hand_off_forgets_the_pacs_count_and_unchanged_series_are_not_redone(sto
     assert len(store.record_routes(run2, [("r", "m", None, SERIES, "k2")])) == 1
 
 
-def test_reindex_restores_files_the_index_lost(tmp_path: Path) -> None:
+def test_reindex_restores_files_the_index_lost(tmp_path: Path, database_url: str | None) -> None:
     """A power loss can drop the last index rows (synchronous=NORMAL); the fsync'd files are the truth."""
     from appliance.demo_study import write_ct_series
     from inference.phantom import make_phantom
 
-    store = Store(tmp_path / "var")
+    store = Store(tmp_path / "var", database=database_url)
     phantom = make_phantom((2, 32, 32), (2.5, 8.0, 8.0), seed=1)
     written = write_ct_series(phantom.hu, phantom.spacing, tmp_path / "src")
     for p in written.paths:
@@ -189,7 +193,8 @@ def test_reindex_restores_files_the_index_lost(tmp_path: Path) -> None:
     (store.instances_dir / "junk").mkdir()
     (store.instances_dir / "junk" / "x").mkdir()
     (store.instances_dir / "junk" / "x" / "bad.dcm").write_bytes(b"not dicom")
-    store._db.execute("DELETE FROM instances")  # the index lost its rows
+    with store.transaction() as tx:
+        tx.execute("DELETE FROM instances")  # the index lost its rows
     assert store.instance_count() == 0
     assert store.reindex() == 2
     assert store.instance_count(written.study_instance_uid) == 2
@@ -255,3 +260,30 @@ def test_stale_spool_files_are_swept_at_start(tmp_path: Path) -> None:
     first.close()
     Store(tmp_path / "v").close()
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_lease_that_runs_out_goes_to_another_worker_and_the_first_records_nothing(
+        store: Store, tmp_path: Path) -> None:
+    store.store(instance(1))
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    store.record_routes(run, [("r", "m", None, SERIES, "k")])
+    first = store.claim_job(owner="elsewhere:1:a", lease_seconds=0.05)
+    assert first is not None and first.lease_owner == "elsewhere:1:a"
+    assert store.renew_lease(first.id, "elsewhere:1:a", 0.05)
+    assert store.resume_interrupted() == 0  # a live lease on another machine is left alone
+    wait_for(lambda: store.resume_interrupted() == 1, timeout=10, message="the lease running out")
+    second = store.claim_job(owner="here:2:b")
+    assert second is not None and second.id == first.id and second.attempts == 2
+    assert not store.renew_lease(first.id, "elsewhere:1:a", 60)  # the first worker's heartbeat is refused
+    res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
+    with pytest.raises(LeaseLost):
+        store.complete_job(first, res, ["pacs"], "CPU", "h", {})
+    with pytest.raises(LeaseLost):
+        store.fail_job(first, "late", "unexpected", retry_in=None)
+    store.set_progress(second.id, 5, 10)
+    running = store.job(second.id)
+    assert running is not None and running.progress == (5, 10)
+    store.complete_job(second, res, ["pacs"], "CPU", "h", {})
+    done = store.job(first.id)
+    assert [o["destination"] for o in store.outbox()] == ["pacs"] and done is not None and done.state is JobState.DONE

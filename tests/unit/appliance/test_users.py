@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from appliance.cli.main import USAGE, main
+from appliance.db import accounts as stored_accounts
+from appliance.db.engine import Dialect
 from appliance.identity import SignInFailed, UserExists
 from appliance.lockout import LockedOut, LockKind
 from appliance.passwords import PasswordPolicyError, verify_password
@@ -45,15 +47,19 @@ def accounts(config: Path, store: Store) -> Accounts:
 
 def dump(store: Store) -> str:
     """Every row of every table, as text."""
-    tables = [r["name"] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    return "\n".join(str([tuple(row) for row in store.query(f"SELECT * FROM {t}")]) for t in tables)
+    with store.reading() as tx:
+        listing = ("SELECT name FROM sqlite_master WHERE type = 'table'" if tx.dialect is Dialect.SQLITE else
+                   "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = current_schema()")
+        tables = [r["name"] for r in tx.all(listing)]
+        return "\n".join(str([tuple(row) for row in tx.all(f"SELECT * FROM {t}")]) for t in tables)
 
 
 def test_passwords_are_argon2id_and_no_secret_is_kept_in_clear(accounts: Accounts, store: Store) -> None:
     accounts.add("alice", PASSWORD, [Role.ADMIN], actor="cli:test")
-    (row,) = store.query("SELECT password_hash FROM users WHERE username = 'alice'")
-    assert row["password_hash"].startswith("$argon2id$v=19$m=65536,t=3,p=4$")
-    assert verify_password(row["password_hash"], PASSWORD) and not verify_password(row["password_hash"], "x" * 20)
+    with store.reading() as tx:
+        alice = stored_accounts.account(tx, "alice")
+    assert alice is not None and alice.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert verify_password(alice.password_hash, PASSWORD) and not verify_password(alice.password_hash, "x" * 20)
     token = accounts.issue_token("alice", actor="cli:test", label="ci").token
     _, session_id = accounts.sign_in("alice", PASSWORD, "10.0.0.1", "POST /auth/login")
     assert token.startswith("pt_") and len(token) > 50

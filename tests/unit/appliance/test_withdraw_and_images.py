@@ -28,8 +28,13 @@ from appliance.withdraw import withdraw
 from dicom_router.ports import ReceivedInstance
 from inference.phantom import make_phantom
 from inference.results.kos import KOS_SOP_CLASS_UID
+from inference.results.seg import build_fractional_seg
+from inference.results.summary import labels_from_seg
 from inference.runtime.onnxruntime import SessionCache
+from inference.settings import DeviceIdentity
+from inference.volume import load_series
 from tests.support.packages import make_package
+from tests.support.segs import soft_probabilities
 
 PATIENT = "WITHDRAW^PATIENT"
 DESTINATIONS = [
@@ -164,6 +169,31 @@ def test_key_images_show_the_segmentation_in_its_colour_and_are_kept(site: Site)
         assert 0 <= image.slice_index < 6
     again = key_images(site.store, site.runner.registry, job)
     assert [i.path for i in again] == [i.path for i in images]  # rendered once
+
+
+def test_key_images_of_a_fractional_seg_show_its_most_probable_segment(site: Site) -> None:
+    """A FRACTIONAL SEG is drawn as the label map its probabilities make (the one the run measured)."""
+    job = site.job(6)
+    manifest = site.runner.registry.get("tiny").manifest
+    (stored,) = [r for r in site.store.results(job.id) if r.kind == "seg"]
+    paths = site.store.series_of(job.study_uid, job.run_version)[job.series_uid]
+    volume = load_series(paths)
+    labels = labels_from_seg(pydicom.dcmread(stored.path), volume, manifest)
+    assert labels.any()
+    # the same result as the model's probabilities: over one half inside, under it on a rim around
+    fractional = build_fractional_seg(volume, soft_probabilities(labels, manifest), manifest, DeviceIdentity(),
+                                      site.settings.inference.uid_root, "fractional")
+    assert fractional.SegmentationType == "FRACTIONAL"
+    fractional.save_as(stored.path, enforce_file_format=True)
+    images = key_images(site.store, site.runner.registry, job)
+    assert 1 <= len(images) <= 3
+    colour = np.array(manifest.output.segments[0].colour)
+    for image in images:
+        with Image.open(image.path) as png:
+            pixels = np.asarray(png)
+        assert pixels.std() > 10
+        assert (np.abs(pixels.reshape(-1, 3).astype(int) - colour).sum(axis=1) < 30).sum() > 50
+    assert np.array_equal(labels_from_seg(pydicom.dcmread(stored.path), volume, manifest), labels)
 
 
 def test_key_images_are_unavailable_without_a_readable_seg(site: Site) -> None:

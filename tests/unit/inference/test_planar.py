@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from appliance.demo_study import write_ct_series
 from inference.measurements import measure
@@ -66,16 +65,41 @@ def test_outline_of_a_rectangle_is_its_pixel_edges() -> None:
     assert points.tolist() == [[3, 2], [9, 2], [9, 6], [3, 6], [3, 2]]  # (column, row), closed
 
 
-def test_outline_takes_the_largest_region_with_holes_filled() -> None:
+def inside_even_odd(points: NDArray[np.float32], shape: tuple[int, int]) -> NDArray[np.bool_]:
+    """Pixels whose centres an even–odd fill of the closed polyline covers (how viewers fill it)."""
+    rows, cols = np.mgrid[:shape[0], :shape[1]] + 0.5
+    inside = np.zeros(shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(points[:-1].astype(np.float64), points[1:].astype(np.float64), strict=True):
+        if y0 == y1:
+            continue
+        crosses = (rows >= min(y0, y1)) & (rows < max(y0, y1))
+        x_at = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (cols < x_at)
+    return inside
+
+
+def test_outline_encloses_every_region_and_leaves_the_holes_out() -> None:
     mask = np.zeros((40, 40), dtype=bool)
     mask[5:30, 5:30] = True
-    mask[10:20, 10:20] = False  # a hole: filled for the outline
-    mask[33:36, 33:36] = True   # a smaller region: left out
-    mask[30, 30] = True         # touches the big square only at a corner: not part of it
+    mask[10:20, 10:20] = False  # a hole
+    mask[33:36, 33:36] = True   # a second region
+    mask[30, 30] = True         # touches the big square only at a corner
+    mask[2, 37] = True          # a single pixel
     points = outline(mask)
     assert np.array_equal(points[0], points[-1])
-    assert polygon_area(points) == pytest.approx(25 * 25)
-    assert points.min() >= 5 and points.max() <= 30
+    # the shoelace area (what OHIF computes for the polyline) is the segment's pixel area
+    assert polygon_area(points) == pytest.approx(float(mask.sum()))
+    # and an even-odd fill covers exactly its pixels: the bridges between the loops are zero-width
+    assert np.array_equal(inside_even_odd(points, mask.shape), mask)
+
+
+def test_outline_of_a_ring_has_its_hole() -> None:
+    yy, xx = np.mgrid[:200, :200]
+    radius = np.hypot(yy - 100, xx - 100)
+    ring = (radius < 90) & (radius >= 70)  # subcutaneous fat around the abdomen, say
+    points = outline(ring)
+    assert polygon_area(points) == pytest.approx(float(ring.sum()), rel=0.01)
+    assert not inside_even_odd(points, ring.shape)[100, 100]
 
 
 def test_outline_of_a_disc_stays_on_its_edge_and_is_bounded() -> None:
@@ -111,30 +135,38 @@ def test_sr_has_a_planar_group_per_segment_on_its_reference_slice(case: Case) ->
     sr = hd.sr.srread(io.BytesIO(to_bytes(sr_ds)))
     assert isinstance(sr.content, hd.sr.MeasurementReport)
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 3  # kept
-    planar = sr.content.get_planar_roi_measurement_groups()
+    planar = sr.content.get_image_measurement_groups()  # TID 1501
     segments = manifest().output.segments
     assert len(planar) == len(segments)
     for group, segment in zip(planar, segments, strict=True):
         mask = labels == segment.label
         z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
-        assert group.roi is not None and group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        image = group.roi.ContentSequence[0].ReferencedSOPSequence[0]  # the IMAGE the SCOORD selects from
-        assert image.ReferencedSOPInstanceUID == volume.datasets[z].SOPInstanceUID
-        points = group.roi.value
-        assert np.array_equal(points[0], points[-1])
-        assert points[:, 0].max() <= volume.shape[2] and points[:, 1].max() <= volume.shape[1]
-        assert points.min() >= 0
-        filled = ndimage.binary_fill_holes(mask[z])
-        assert polygon_area(points) <= float(filled.sum()) * 1.02  # the largest region, never more
         (area,) = group.get_measurements()
         assert area.name.meaning == "Area" and area.unit.value == "cm2"
         expected = mask[z].sum() * volume.spacing[1] * volume.spacing[2] / 100
         assert float(area.value) == pytest.approx(expected, rel=1e-4)
+        # the area is inferred from the outline on the source image (TID 300 → TID 320)
+        (region,) = area.referenced_coordinates
+        assert region.relationship_type == hd.sr.RelationshipTypeValues.INFERRED_FROM
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        image = region.ContentSequence[0].ReferencedSOPSequence[0]  # the IMAGE the SCOORD selects from
+        assert image.ReferencedSOPInstanceUID == volume.datasets[z].SOPInstanceUID
+        points = region.value
+        assert np.array_equal(points[0], points[-1])
+        assert points[:, 0].max() <= volume.shape[2] and points[:, 1].max() <= volume.shape[1]
+        assert points.min() >= 0
+        # what the outline encloses is what the area measures (OHIF recomputes it from the outline)
+        pixel_area_cm2 = volume.spacing[1] * volume.spacing[2] / 100
+        assert polygon_area(points) * pixel_area_cm2 == pytest.approx(float(area.value), rel=0.02)
         assert group.finding_type is not None and group.finding_type.value == segment.type.value
+        # the tracking identifier OHIF loads into its PlanarFreehandROI tool, then the segment's name
+        tool = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+        assert group.tracking_identifier == f"{tool}:body-composition {segment.name}"
         # the same tracked finding as the segment's volumetric group (OHIF merges them by this UID)
         (volumetric,) = [g for g in sr.content.get_volumetric_roi_measurement_groups()
                          if g.tracking_uid == group.tracking_uid]
         assert volumetric.referenced_segment is not None
+        assert volumetric.tracking_identifier == f"body-composition {segment.name}"
 
 
 def test_empty_segment_gets_no_planar_group() -> None:
@@ -161,7 +193,7 @@ def test_second_readers_accept_the_planar_sr(case: Case, tmp_path: Path) -> None
     assert not problems, problems
     run = subprocess.run([tool("dsrdump"), "-ll", "info", str(path)], capture_output=True, text=True)
     assert run.returncode == 0 and not re.search(r"^[EW]:", run.stderr, re.MULTILINE), run.stderr
-    assert run.stdout.count('SCOORD:(,,"Image Region")=(POLYLINE') == 3
+    assert run.stdout.count('SCOORD:(,,"Source")=(POLYLINE') == 3
     assert run.stdout.count('NUM:(,,"Area")') == 3
 
 

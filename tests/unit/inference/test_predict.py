@@ -288,3 +288,16 @@ def test_segment_with_onnx_runtime_matches_numpy_model(tmp_path: Path) -> None:
     kwargs: dict[str, Any] = {"spacing": (2.0, 1.0, 1.0), "manifest": manifest(patch=(4, 16, 16))}
     expected = segment(hu, model=Threshold(), **kwargs)
     np.testing.assert_array_equal(segment(hu, model=runtime, **kwargs), expected)
+
+
+@pytest.mark.parametrize("spacing", [None, (4.0, 1.0, 1.0)])
+def test_progress_counts_slices_of_the_series_up_to_all_of_them(spacing: tuple[float, float, float] | None) -> None:
+    hu = blobs((24, 20, 20))
+    seen: list[tuple[int, int]] = []
+    m = manifest(patch=(4, 20, 20), overlap=0.25)
+    if spacing is not None:  # the model's grid is coarser than the series': told as series slices still
+        m = m.model_copy(update={"input": m.input.model_copy(update={"spacing_mm": spacing})})
+    segment(hu, (2.0, 1.0, 1.0), m, Threshold(), batch_size=1, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (24, 24) and {t for _, t in seen} == {24}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(seen) > 2  # told as it goes, never backwards

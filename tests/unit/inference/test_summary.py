@@ -19,7 +19,7 @@ from appliance.demo_study import DEMO_PATIENT_ID, write_ct_series
 from inference.measurements import SegmentMeasurement, measure
 from inference.packages import Manifest, Measurement
 from inference.phantom import ADIPOSE, BONE, MUSCLE, make_phantom
-from inference.results.seg import build_seg
+from inference.results.seg import build_fractional_seg, build_seg
 from inference.results.summary import (
     CLINICAL_BANNER,
     RESEARCH_BANNER,
@@ -187,6 +187,30 @@ def test_labels_read_back_from_the_seg_match(case: Case) -> None:
     seg = build_seg(volume, labels, manifest(), DEVICE, ROOT, "run-1")
     assert np.array_equal(labels_from_seg(reread(seg), volume, manifest()), labels)
     assert np.array_equal(labels_from_seg(seg, volume, manifest()), labels)
+
+
+def test_labels_read_back_from_a_fractional_seg_are_the_most_probable(case: Case) -> None:
+    """Each voxel: the most probable of the segments and the background (1 - their sum); a tie goes up."""
+    volume, labels, _ = case
+    m = manifest()
+    probabilities = np.zeros((len(m.output.segments), *labels.shape), dtype=np.uint8)
+    for i, segment in enumerate(m.output.segments):
+        probabilities[i][labels == segment.label] = 200
+    expected = labels.copy()
+    first, second = m.output.segments[0].label, m.output.segments[1].label
+    probabilities[:, 0, :4, :4] = 0
+    probabilities[0, 0, :2, :2] = 100  # alone at 100/255: the background (155) is likelier
+    expected[0, :2, :2] = 0
+    probabilities[0, 0, 2:4, 2:4] = 100  # two at 100, background 55: a tie between them goes up
+    probabilities[1, 0, 2:4, 2:4] = 100
+    expected[0, 2:4, 2:4] = second
+    probabilities[0, 0, :2, 2:4] = 120  # 120 against 90 and a background of 45
+    probabilities[1, 0, :2, 2:4] = 90
+    expected[0, :2, 2:4] = first
+    expected[0, 2:4, :2] = 0
+    seg = build_fractional_seg(volume, probabilities, m, DEVICE, ROOT, "run-1")
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert np.array_equal(labels_from_seg(reread(seg), volume, m), expected)
 
 
 def test_labels_from_seg_refuses_a_seg_of_other_slices(case: Case, tmp_path: Path) -> None:

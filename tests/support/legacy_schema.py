@@ -1,12 +1,11 @@
-"""The appliance database's tables: studies, instances, runs, jobs, results, outbox, audit, quarantine.
+"""The appliance database as Portico made it before migrations (commit 4a2fe6b): frozen, for upgrade tests.
 
-The audit table carries a hash chain (:mod:`appliance.audit_chain`, which adds ``prev_hash`` and ``hash``
-to databases older than the chain); ``atna_outbox`` queues its rows for the ATNA collector.
-
-Created idempotently at every start (``CREATE … IF NOT EXISTS``); review and model state add their own.
+Each module created its own tables at start with ``CREATE … IF NOT EXISTS``; there was no version.
 """
 
-SCHEMA = """
+from __future__ import annotations
+
+UNVERSIONED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     calling_ae TEXT NOT NULL,
@@ -118,5 +117,70 @@ CREATE TABLE IF NOT EXISTS quarantine (
     calling_ae TEXT NOT NULL,
     peer TEXT NOT NULL,
     path TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS reviews (
+    job_id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    held INTEGER NOT NULL,
+    created REAL NOT NULL,
+    decided_at REAL,
+    reviewer TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    via TEXT
+);
+CREATE INDEX IF NOT EXISTS reviews_state ON reviews(state);
+
+CREATE TABLE IF NOT EXISTS model_versions (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('candidate', 'active')),
+    enabled INTEGER NOT NULL DEFAULT 1,
+    package_hash TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    added REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_active ON model_versions(name) WHERE role = 'active';
+
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    password_changed REAL NOT NULL,
+    last_sign_in REAL,
+    last_sign_in_from TEXT
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    revoked REAL,
+    last_used REAL
+);
+CREATE INDEX IF NOT EXISTS api_tokens_user ON api_tokens(username);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    address TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(username);
+CREATE TABLE IF NOT EXISTS sign_in_failures (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    last_failure REAL NOT NULL,
+    locked_until REAL NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (kind, key)
 );
 """

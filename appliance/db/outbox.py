@@ -1,0 +1,118 @@
+"""The ``outbox`` table: each result for each destination, until it is sent (exactly once) or given up."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from appliance.db.engine import Tx
+from dicom_router.ports import OutboxItem
+
+
+class OutboxState(StrEnum):
+    PENDING = "PENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+    #: waiting for a reviewer (appliance.review): never due until approved
+    HELD = "HELD"
+    #: rejected in review: never sent
+    CANCELLED = "CANCELLED"
+
+
+def add(tx: Tx, job_id: int, destination: str, sop_instance_uid: str, sop_class_uid: str, path: Path,
+        state: OutboxState, now: float) -> bool:
+    """Queue one object for one destination; ``False`` when it is queued there already."""
+    cur = tx.execute("INSERT INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid, path, state, created) "
+                     "VALUES (?,?,?,?,?,?,?) ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                     (job_id, destination, sop_instance_uid, sop_class_uid, str(path), state, now))
+    return cur.rowcount > 0
+
+
+def due(tx: Tx, limit: int, now: float) -> list[OutboxItem]:
+    rows = tx.execute("SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                      (OutboxState.PENDING, now, limit))
+    return [OutboxItem(r["id"], r["destination"], Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"],
+                       r["attempts"]) for r in rows]
+
+
+def with_study(tx: Tx, item_id: int) -> Any:
+    """The item and its job's study UID (``None`` for an unknown item)."""
+    return tx.one("SELECT o.*, j.study_uid FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE o.id = ?", (item_id,))
+
+
+def mark_sent(tx: Tx, item_id: int, now: float) -> None:
+    tx.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, sent_at = ?, last_error = NULL WHERE id = ?",
+               (OutboxState.SENT, now, item_id))
+
+
+def mark_failed(tx: Tx, item_id: int, error: str, next_attempt_at: float, permanent: bool) -> None:
+    tx.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+               (OutboxState.FAILED if permanent else OutboxState.PENDING, next_attempt_at, error, item_id))
+
+
+def listed(tx: Tx, job_id: int | None = None) -> list[dict[str, Any]]:
+    rows = tx.execute("SELECT * FROM outbox WHERE job_id = ? ORDER BY id", (job_id,)) if job_id is not None \
+        else tx.execute("SELECT * FROM outbox ORDER BY id")
+    return [dict(r) for r in rows]
+
+
+def states_of_job(tx: Tx, job_id: int) -> list[str]:
+    return [str(r["state"]) for r in tx.execute("SELECT state FROM outbox WHERE job_id = ?", (job_id,))]
+
+
+def move(tx: Tx, job_id: int, from_state: OutboxState, to_state: OutboxState) -> int:
+    """Every item of ``job_id`` in ``from_state`` to ``to_state``; returns how many moved."""
+    return tx.execute("UPDATE outbox SET state = ? WHERE job_id = ? AND state = ?",
+                      (to_state, job_id, from_state)).rowcount
+
+
+def destination_status(tx: Tx) -> dict[str, dict[str, Any]]:
+    """Per destination: counts by state, the last error of an unsent item and when one is next tried.
+
+    ``last_error`` is that of the unsent item that failed most recently (``None`` once all went out);
+    ``next_retry_at`` is the earliest time a PENDING item that has failed is due again; ``oldest_pending``
+    is when the oldest unsent item was queued.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in tx.execute("SELECT destination, state, COUNT(*) AS n, MIN(created) AS oldest FROM outbox "
+                        "GROUP BY destination, state ORDER BY destination"):
+        entry = out.setdefault(r["destination"], {"states": {}, "last_error": None, "next_retry_at": None,
+                                                  "oldest_pending": None})
+        entry["states"][r["state"]] = int(r["n"])
+        if r["state"] == OutboxState.PENDING:
+            entry["oldest_pending"] = float(r["oldest"])
+    for r in tx.execute("SELECT o.destination, o.last_error FROM outbox o JOIN (SELECT destination, "
+                        "MAX(next_attempt_at) AS at FROM outbox WHERE state IN (?, ?) AND last_error IS NOT NULL "
+                        "GROUP BY destination) m ON m.destination = o.destination AND m.at = o.next_attempt_at "
+                        "WHERE o.state IN (?, ?) AND o.last_error IS NOT NULL ORDER BY o.id",
+                        (OutboxState.PENDING, OutboxState.FAILED, OutboxState.PENDING, OutboxState.FAILED)):
+        out[r["destination"]]["last_error"] = r["last_error"]
+    for r in tx.execute("SELECT destination, MIN(next_attempt_at) AS at FROM outbox WHERE state = ? AND attempts > 0 "
+                        "GROUP BY destination", (OutboxState.PENDING,)):
+        out[r["destination"]]["next_retry_at"] = float(r["at"])
+    return out
+
+
+def count(tx: Tx, job_id: int, state: OutboxState) -> int:
+    return int(tx.scalar("SELECT COUNT(*) FROM outbox WHERE job_id = ? AND state = ?", (job_id, state)))
+
+
+def release(tx: Tx, job_id: int) -> int:
+    """A held job's items become due now; returns how many."""
+    return tx.execute("UPDATE outbox SET state = ?, next_attempt_at = 0 WHERE job_id = ? AND state = ?",
+                      (OutboxState.PENDING, job_id, OutboxState.HELD)).rowcount
+
+
+def cancel(tx: Tx, job_id: int, states: tuple[OutboxState, ...], reason: str) -> int:
+    """The job's items in ``states`` are never sent; returns how many."""
+    marks = ",".join("?" * len(states))
+    return tx.execute(f"UPDATE outbox SET state = ?, last_error = ? WHERE job_id = ? AND state IN ({marks})",
+                      (OutboxState.CANCELLED, reason, job_id, *states)).rowcount
+
+
+def sent_items(tx: Tx, job_id: int, *, except_class: str = "") -> list[Any]:
+    """Destination, SOP Instance UID and path of the job's items that were sent (not of ``except_class``)."""
+    return tx.all("SELECT destination, sop_instance_uid, path FROM outbox WHERE job_id = ? AND state = ? "
+                  "AND sop_class_uid != ? ORDER BY destination, sop_instance_uid",
+                  (job_id, OutboxState.SENT, except_class))
