@@ -6,13 +6,9 @@ and :class:`fl_client.privacy.PrivacyFloor` on real Shareables), without a feder
 1. **Dice after N rounds**, floor off vs on: two simulated sites (synthetic phantoms, the trainer's own
    ``train_steps`` and ``dice_score``), FedAvg of what the filters let out (weight differences, local
    BatchNorm statistics), for a few clip/noise settings; with the epsilon each spends.
-2. **Gradient inversion**: an honest-but-curious server gets one site's update from one training step
-   on one slice (FedSGD, batch 1 — the strongest case for the attacker, which ``min_examples_per_round``
-   forbids anyway) and optimises a dummy slice until its gradient matches (Geiping et al. 2020, cosine
-   loss + total variation), in bounded time. PSNR of the reconstruction vs the true slice, floor off
-   vs on.
+2. **Gradient inversion**: in :mod:`benchmarks.gradient_inversion` (its own BENCHMARKS.md section).
 
-    python -m benchmarks.fl_privacy [--rounds 5] [--attack-steps 300]
+    python -m benchmarks.fl_privacy [--rounds 5]
 """
 
 from __future__ import annotations
@@ -115,67 +111,17 @@ def fedavg(rounds: int, clip: float | None, sigma: float, steps: int, seed: int 
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(torch.mean((a - b) ** 2))
-    return 10 * math.log10(1.0 / mse) if mse > 0 else math.inf
-
-
-def invert(clip: float | None, sigma: float, steps: int, seed: int = 0, budget_s: float = 120.0) -> dict[str, Any]:
-    """Gradient inversion of one slice from its (floored) gradient; PSNR and time."""
-    torch.manual_seed(seed)
-    data = phantom_slices([31])
-    x = torch.from_numpy(data.image[3:4])
-    y = torch.from_numpy(data.labels[3:4])
-    net = build_network("ct-body-composition")
-    net.train()
-    loss_fn = torch.nn.CrossEntropyLoss()
-    params = [p for p in net.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss_fn(net(x), y), params)
-    g = [t.detach().clone() for t in grads]
-    if clip is not None:
-        norm = float(torch.sqrt(torch.stack([torch.sum(t * t) for t in g]).sum()))
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        gen = torch.Generator().manual_seed(seed + 1)
-        g = [t * scale + sigma * clip * torch.randn(t.shape, generator=gen) for t in g]
-    dummy = torch.full_like(x, 0.5).requires_grad_(True)
-    opt = torch.optim.Adam([dummy], lr=0.05)
-    started = time.monotonic()
-    done = 0
-    while done < steps and time.monotonic() - started <= budget_s:
-        done += 1
-        opt.zero_grad()
-        dg = torch.autograd.grad(loss_fn(net(dummy), y), params, create_graph=True)
-        dot = torch.stack([torch.sum(a * b) for a, b in zip(dg, g, strict=True)]).sum()
-        na = torch.sqrt(torch.stack([torch.sum(a * a) for a in dg]).sum())
-        nb = torch.sqrt(torch.stack([torch.sum(b * b) for b in g]).sum())
-        tv = torch.mean(torch.abs(dummy[..., 1:, :] - dummy[..., :-1, :])) + \
-            torch.mean(torch.abs(dummy[..., 1:] - dummy[..., :-1]))
-        loss: torch.Tensor = 1 - dot / (na * nb + 1e-12) + 1e-2 * tv
-        torch.autograd.backward(loss)
-        opt.step()
-        with torch.no_grad():
-            dummy.clamp_(0, 1)
-    baseline = psnr(torch.full_like(x, float(x.mean())), x)
-    return {"clip_norm": clip, "noise_multiplier": sigma, "psnr_db": round(psnr(dummy.detach(), x), 2),
-            "psnr_of_a_flat_guess_db": round(baseline, 2), "iterations": done,
-            "seconds": round(time.monotonic() - started, 1)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--attack-steps", type=int, default=300)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
-    results: dict[str, Any] = {"dice": [], "inversion": []}
+    results: dict[str, Any] = {"dice": []}
     for clip, sigma in ((None, 0.0), (100.0, 1e-5), (1.0, 0.0), (1.0, 0.1), (1.0, 1.0)):
         results["dice"].append(fedavg(a.rounds, clip, sigma, a.steps))
         sys.stdout.write(json.dumps(results["dice"][-1]) + "\n")
-    for clip, sigma in ((None, 0.0), (1.0, 0.0), (1.0, 1.0)):
-        results["inversion"].append(invert(clip, sigma, a.attack_steps))
-        sys.stdout.write(json.dumps(results["inversion"][-1]) + "\n")
     if a.out is not None:
         a.out.write_text(json.dumps(results, indent=2))
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import itertools
 import json
+import os
 import platform
 import re
 import shutil
@@ -33,13 +35,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.markdown import write_section  # noqa: E402
+from benchmarks.markdown import run_context, write_section  # noqa: E402
 from fl_client.architectures import find_package  # noqa: E402
 from fl_client.dataset import load_slices, read_index  # noqa: E402
+from fl_client.settings import FLSettings  # noqa: E402
 from tests.integration.fl.harness import (  # noqa: E402
     PY,
     REAL_CT,
     Federation,
+    Site,
     env_for,
     job_folder,
     make_base_package,
@@ -48,6 +52,9 @@ from tests.integration.fl.harness import (  # noqa: E402
 )
 from tests.support.net import free_port  # noqa: E402
 from tests.support.polling import wait_for  # noqa: E402
+
+#: NVFlare runs as the benchmark's user, not as ``fl.run_as`` (no such OS user on a dev machine)
+RUN_AS_SELF: dict[str, None] = {"run_as": None} if "run_as" in FLSettings.model_fields else {}
 
 BASELINE_CLIENT = '''
 import argparse, sys
@@ -103,14 +110,21 @@ def round_seconds(log: Path, job_id: str) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
+def _pending(site: Site, job_id: str) -> bool:
+    return any(p["job_id"] == job_id for p in site.status()["pending_approval"])
+
+
+def _connected(site: Site) -> bool:
+    return bool(site.status()["state"] == "connected")
+
+
 def run_job(fed: Federation, job: Path, approve: bool) -> tuple[str, list[float]]:
     session = fed.admin()
     try:
         job_id = session.submit_job(str(job))
         if approve:
             for site in fed.sites.values():
-                wait_for(lambda s=site: any(p["job_id"] == job_id for p in s.status()["pending_approval"]),
-                         60, 0.5, "the approval request")
+                wait_for(functools.partial(_pending, site, job_id), 60, 0.5, "the approval request")
                 site.portico("fl", "approve", job_id, "--job", str(job))
         wait_for(lambda: str(session.get_job_meta(job_id).get("status", "")).startswith("FINISHED"), 900, 1.0,
                  "the job")
@@ -153,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="portico-fl-bench-") as tmp:
         root = Path(tmp)
         fed = Federation(root, free_port())
@@ -161,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             fed.provision(names)
             fed.start_server()
             for name, seeds in zip(names, ([11, 12, 13, 14], [21, 22, 23]), strict=True):
-                # the privacy floor on (clip 1, noise 1), sized for these small cohorts and 5 rounds
-                site = fed.add_site(name, {"enabled": True, "privacy": {
+                # the privacy floor on (clip 1, noise 1), sized for these small cohorts and 5 rounds; NVFlare
+                # as this benchmark's own user (a root appliance would run it as fl.run_as)
+                site = fed.add_site(name, {"enabled": True, **RUN_AS_SELF, "privacy": {
                     "min_series": 1, "min_patients": 1, "min_examples_per_round": 16, "epsilon": 100.0}})
                 package = make_base_package(site.models_dir)
                 from appliance.store import Store
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                          val_image=va.image, val_labels=va.labels)
                 fed.start_site(site)
             for site in fed.sites.values():
-                wait_for(lambda s=site: s.status()["state"] == "connected", 120, 1.0, "connected")
+                wait_for(functools.partial(_connected, site), 120, 1.0, "connected")
             time.sleep(10)
             idle = {}
             for site in fed.sites.values():
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             base_status, base_rounds = run_job(fed, base, approve=False)
         finally:
             fed.close()
+    load = run_context(load_before)["load"]
     portico_mean = float(np.mean(portico_rounds))
     base_mean = float(np.mean(base_rounds))
     ratio = portico_mean / base_mean
@@ -224,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     body = f"""## Federated learning: time per round, Portico's FL path vs plain NVFlare
 
 `benchmarks/fl_round.py --rounds {args.rounds} --steps {args.steps}` on {platform.machine()},
-{platform.python_version()}, CPU only, {dt.date.today().isoformat()}. One NVFlare 2.9 server and two
-sites on localhost, the same data (site-a: 4 phantom studies; site-b: 3 phantoms + the real CT),
+{platform.python_version()}, CPU only, {dt.date.today().isoformat()}, load average {load}. One NVFlare 2.9
+server and two sites on localhost, the same data (site-a: 4 phantom studies; site-b: 3 phantoms + the real CT),
 the same network (ct-body-composition: HU-threshold channels + BasicUNet 2D) and {args.steps} steps
 of batch 8 at 64x64 per site and round. Portico: supervised client, site policy (approval gate, allow-list, privacy
-filters, outgoing ledger), cohort read from the store's DICOM + SEG, `PorticoFedAvg` (k-of-n).
+filters, outgoing ledger), the site privacy floor on (`PrivacyFloor`: clip 1, noise multiplier 1, budget
+epsilon 100 for these 5 rounds, BatchNorm statistics kept local, weight differences sent), cohort read
+from the store's DICOM + SEG, `PorticoFedAvg` (k-of-n).
 Plain: the same kits with NVFlare's default policy, stock `FedAvg`, a Client API script on the
 same slices. Per round: mean gap between round starts in the server's job log.
 
