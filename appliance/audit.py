@@ -70,6 +70,10 @@ class AuditEvent(StrEnum):
     FL_PRIVACY_BUDGET_SPENT = "fl_privacy_budget_spent"
     #: FL: a startup kit was enrolled without an out-of-band root CA fingerprint (explicit admin flag)
     FL_FINGERPRINT_WAIVED = "fl_fingerprint_waived"
+    #: an operator put a failed job back in the queue (detail: the error it had, and how it was asked)
+    JOB_RETRIED = "job_retried"
+    #: an operator queued a study's results again for a destination (detail: items per destination)
+    RESULTS_RESENT = "results_resent"
 
 
 @dataclass(frozen=True)

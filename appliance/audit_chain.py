@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -108,12 +109,13 @@ def append(db: Tx, rec: AuditRecord, ts: float | None = None) -> int:
 
     When the head says so, the row is queued for ATNA in the same transaction.
     """
-    current = head(db)
-    if current is None:
+    # the head, and past it any row written outside the chain: ids are never reused (one statement)
+    found = db.execute("SELECT last_id, last_hash, atna, (SELECT MAX(id) FROM audit) FROM audit_head "
+                       "WHERE id = 1").fetchone()
+    if found is None:
         raise RuntimeError("the audit chain has no head: the store was not upgraded")
-    # past the head and past any row written outside the chain: ids are never reused
-    top = db.execute("SELECT MAX(id) FROM audit").fetchone()[0] or 0
-    new_id = max(current.last_id, int(top)) + 1
+    current = Head(int(found[0]), str(found[1]), bool(found[2]))
+    new_id = max(current.last_id, int(found[3] or 0)) + 1
     row: dict[str, Any] = {"id": new_id, "ts": time.time() if ts is None else ts,
            "event": str(rec.event), "study_uid": rec.study_uid, "job_id": rec.job_id, "actor": rec.actor,
            "detail": json.dumps(rec.detail, sort_keys=True)}
@@ -159,7 +161,7 @@ def upgrade(db: Tx) -> None:
         if not rows:
             break
         for r in rows:
-            row = dict(zip(("id", "ts", "event", "study_uid", "job_id", "actor", "detail"), r, strict=True))
+            row = {name: r[i] for i, name in enumerate(("id", "ts", "event", "study_uid", "job_id", "actor", "detail"))}
             digest = row_hash(row, prev)
             db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev, digest, row["id"]))
             prev, last_id, count = digest, int(row["id"]), count + 1
@@ -190,7 +192,7 @@ _COLUMNS = "id, ts, event, study_uid, job_id, actor, detail, prev_hash, hash"
 def _rows(db: Tx) -> Iterator[dict[str, Any]]:
     names = [c.strip() for c in _COLUMNS.split(",")]
     for r in db.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY id"):
-        yield dict(zip(names, r, strict=True))
+        yield {name: r[i] for i, name in enumerate(names)}  # by position: sqlite3.Row and PgRow alike
 
 
 def _intact(row: Mapping[str, Any]) -> bool:
@@ -297,3 +299,61 @@ def events(db: Tx, *, study_uid: str | None = None, limit: int | None = None,
         params.append(limit)
     return [{"ts": r["ts"], "event": r["event"], "study_uid": r["study_uid"], "job_id": r["job_id"],
              "actor": r["actor"], "detail": json.loads(r["detail"])} for r in db.execute(sql, params)]
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """What an audit search is narrowed to; ``None`` leaves a field out."""
+
+    #: who acted: a case-insensitive part of the actor
+    actor: str | None = None
+    #: the event (exact)
+    event: str | None = None
+    #: the end of a Study Instance UID (its short form), or the whole UID
+    study: str | None = None
+    #: at or after (epoch seconds)
+    since: float | None = None
+    #: before (epoch seconds)
+    until: float | None = None
+
+
+def search(db: Tx, query: AuditQuery, *, before_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Rows matching ``query``, newest first: up to ``limit`` of them, with ids below ``before_id`` when given.
+
+    Every column is returned (the chain's too, for an export); ``detail`` parsed, or as stored when it is not
+    JSON (a tampered row is shown as it is).
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+    if query.actor:
+        clauses.append("LOWER(actor) LIKE ? ESCAPE '!'")
+        params.append("%" + _like(query.actor.lower()) + "%")
+    if query.event:
+        clauses.append("event = ?")
+        params.append(query.event)
+    if query.study:
+        clauses.append("study_uid LIKE ? ESCAPE '!'")
+        params.append("%" + _like(query.study))
+    if query.since is not None:
+        clauses.append("ts >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        clauses.append("ts < ?")
+        params.append(query.until)
+    if before_id is not None:
+        clauses.append("id < ?")
+        params.append(before_id)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    names = [c.strip() for c in _COLUMNS.split(",")]
+    out: list[dict[str, Any]] = []
+    for r in db.execute(f"SELECT {_COLUMNS} FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit]):
+        row = {name: r[name] for name in names}
+        with suppress(TypeError, ValueError):  # a tampered row's detail is shown as stored
+            row["detail"] = json.loads(row["detail"])
+        out.append(row)
+    return out
+
+
+def _like(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern (``!`` escapes)."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")

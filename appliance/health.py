@@ -66,7 +66,7 @@ class Readiness:
     def _database(self) -> Check:
         try:
             # the cheapest query the store answers (a primary-key lookup); TODO(appliance.db): a ping()
-            self.store.job(0)
+            self.store.ping()
         except Exception as exc:
             log.warning("readiness: the database did not answer (%s)", type(exc).__name__)
             return Check("database", False, f"not reachable ({type(exc).__name__})")

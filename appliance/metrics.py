@@ -341,10 +341,8 @@ class StateCollector(Collector):
         yield from (held, size, hits, misses)
 
     def _store_state(self) -> Iterator[Metric]:
-        # TODO(appliance.db): jobs() and outbox() read whole tables; the state layer's repositories should
-        # answer "jobs by state" and "outbox backlog per destination" as GROUP BY queries
         jobs = GaugeMetricFamily("portico_jobs", "Jobs by state", labels=["state"])
-        by_state = Tally(str(j.state) for j in self.store.jobs())
+        by_state = Tally(self.store.job_counts())
         for state in ("PENDING", "RUNNING", "DONE", "FAILED"):
             jobs.add_metric([state], float(by_state.pop(state, 0)))
         for state, n in sorted(by_state.items()):
@@ -364,11 +362,8 @@ class StateCollector(Collector):
         oldest = GaugeMetricFamily("portico_outbox_oldest_pending_age_seconds",
                                    "Age of the oldest item still to be delivered (0: none)", labels=["destination"])
         now = self.clock()
-        first: dict[str, float] = {}
-        for row in self.store.outbox():
-            if row.get("state") == "PENDING":
-                name = str(row["destination"])
-                first[name] = min(first.get(name, now), float(row["created"]))
+        first = {name: float(entry["oldest_pending"]) for name, entry in status.items()
+                 if entry.get("oldest_pending") is not None}
         for name in sorted(status):
             oldest.add_metric([name], max(0.0, now - first[name]) if name in first else 0.0)
         yield from (jobs, stored, items, oldest)

@@ -27,7 +27,7 @@ from appliance.db import jobs, outbox, reviews
 from appliance.db.engine import Tx
 from appliance.handoff import short
 from appliance.settings import ReviewSettings
-from appliance.store import Job, JobState, OutboxState, ResultFile, Store
+from appliance.store import OUTBOX, Job, JobState, OutboxState, ResultFile, Store
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ class Reviews:
         """Release or cancel the job's outbox rows; (released, cancelled, already sent)."""
         sent = outbox.count(tx, job_id, OutboxState.SENT)
         if decision is Decision.APPROVE:
+            tx.notify(OUTBOX)
             return outbox.release(tx, job_id), 0, sent
         # not held: what is still waiting to go is stopped too; what went stays sent
         waiting = (OutboxState.HELD,) if held else (OutboxState.HELD, OutboxState.PENDING)

@@ -11,7 +11,8 @@ role                      permissions
 ``reviewer``              viewer + ``review.decide``
 ``model-admin``           viewer + ``models.manage``
 ``fl-approver``           viewer + ``fl.decide``
-``admin``                 every permission (+ ``audit.read``, ``users.manage``, ``settings.manage``)
+``admin``                 every permission (+ ``audit.read``, ``jobs.manage``, ``users.manage``,
+                          ``settings.manage``)
 ========================  ==============================================================
 """
 
@@ -24,7 +25,7 @@ from enum import StrEnum
 class Permission(StrEnum):
     """One thing a signed-in user may do."""
 
-    #: ``/status``, ``/jobs``, ``/fl/status``
+    #: ``/status``, ``/overview``, ``/studies``, ``/jobs``, ``/fl/status``
     STATUS_READ = "status.read"
     #: the list of installed model versions
     MODELS_READ = "models.read"
@@ -38,6 +39,8 @@ class Permission(StrEnum):
     FL_DECIDE = "fl.decide"
     #: read and export the audit trail, sign-in events and locks
     AUDIT_READ = "audit.read"
+    #: retry a failed job, send a study's results again
+    JOBS_MANAGE = "jobs.manage"
     #: accounts, roles and tokens (today through ``portico users`` on the appliance itself)
     USERS_MANAGE = "users.manage"
     #: the appliance's configuration (today ``portico.yaml`` on the appliance itself)

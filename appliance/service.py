@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from types import FrameType
@@ -25,7 +26,7 @@ from appliance.metrics import Ingest, MeteredOutbox, MeteredSink, Metrics, State
 from appliance.models import ModelRegistry
 from appliance.retention import Retention, fl_cohort_studies
 from appliance.settings import Settings
-from appliance.store import Store
+from appliance.store import JOBS, OUTBOX, RECEIVED, Store
 from dicom_router.dispatch import Dispatcher
 from dicom_router.edge import RefusalCount
 from dicom_router.rules import load_rules
@@ -34,6 +35,11 @@ from fl_client.errors import BoxError, NotEnrolledError
 from inference.runtime.onnxruntime import SessionCache
 
 log = logging.getLogger(__name__)
+
+#: the longest an idle loop sleeps when commits wake it (a safety net, not the way work is found)
+IDLE_WAIT_SECONDS = 30.0
+#: how often a loop looks for work when no wake-up reaches it (roles in several processes over SQLite)
+CROSS_PROCESS_POLL_SECONDS = 0.5
 
 
 class Role(StrEnum):
@@ -84,8 +90,6 @@ class Service:
         self.audit_forwarder = AuditForwarder(self.store, settings.audit, settings.router.ae_title)
         self.retention = Retention(self.store, settings.storage.retention, protected=fl_cohort_studies(settings))
         self._stop = threading.Event()
-        self._wake_jobs = threading.Event()
-        self._wake_dispatch = threading.Event()
         self._threads: list[threading.Thread] = []
         self.api = ApiServer(settings, create_app(settings, self.store, self)) if settings.api.enabled else None
 
@@ -96,6 +100,9 @@ class Service:
             recovered = self.store.reindex()
             if recovered:
                 log.warning("re-indexed %d instance file(s) the index had lost", recovered)
+        # commits in other processes (other roles, other machines) wake this one's loops (PostgreSQL)
+        self.store.db.listen(*([JOBS] if Role.WORK in self.roles else []),
+                             *([OUTBOX] if Role.DISPATCH in self.roles else []))
         resumed = self.store.resume_interrupted() if Role.WORK in self.roles else 0
         self.store.record(AuditRecord(AuditEvent.SERVICE, detail={
             "action": "start", "jobs_resumed": resumed, "roles": sorted(self.roles)}))
@@ -155,23 +162,37 @@ class Service:
                     self._stop.wait(1.0)
         return run
 
+    # Loops sleep until a commit wakes them (appliance.db.engine.Wakeups) or the next timed item falls due;
+    # they poll only where no wake-up can reach them (roles in several processes over SQLite).
+
+    def _idle_wait(self) -> float:
+        """The longest a loop sleeps with nothing due."""
+        reachable = self.store.db.wakes_other_processes or self.roles == ALL_ROLES
+        return IDLE_WAIT_SECONDS if reachable else CROSS_PROCESS_POLL_SECONDS
+
+    def _sleep(self, channel: str, token: int) -> None:
+        due = self.store.next_due(channel)
+        wait = self._idle_wait() if due is None else min(self._idle_wait(), max(0.0, due - time.time()) + 0.01)
+        self.store.db.wakeups.wait(channel, token, wait)
+
     def _handoff_loop(self) -> None:
-        if self.handoff.tick():
-            self._wake_jobs.set()
-        self._stop.wait(self.settings.router.poll_seconds)
+        token = self.store.db.wakeups.token(RECEIVED)
+        self.handoff.tick()
+        if self.store.open_studies():  # quiet timers and the PACS's count: looked at every poll_seconds
+            self._stop.wait(self.settings.router.poll_seconds)
+        else:  # nothing open: asleep until an instance arrives
+            self.store.db.wakeups.wait(RECEIVED, token, IDLE_WAIT_SECONDS)
 
     def _job_loop(self) -> None:
-        if self.runner.run_next() is not None:
-            self._wake_dispatch.set()
-            return
-        self._wake_jobs.wait(0.5)
-        self._wake_jobs.clear()
+        token = self.store.db.wakeups.token(JOBS)
+        if self.runner.run_next() is None:
+            self._sleep(JOBS, token)
 
     def _lease_loop(self) -> None:
         """Take back jobs whose worker died (its lease ran out), on whichever machine it ran."""
         self._stop.wait(self.settings.jobs.lease_seconds / 2)
-        if not self._stop.is_set() and self.store.resume_interrupted():
-            self._wake_jobs.set()
+        if not self._stop.is_set():
+            self.store.resume_interrupted()
 
     def _retention_loop(self) -> None:
         try:
@@ -181,16 +202,15 @@ class Service:
         self._stop.wait(self.settings.storage.retention.interval_minutes * 60)
 
     def _dispatch_loop(self) -> None:
+        token = self.store.db.wakeups.token(OUTBOX)
         self.dispatcher.run_once()
-        self._wake_dispatch.wait(self.settings.dispatch.poll_seconds)
-        self._wake_dispatch.clear()
+        self._sleep(OUTBOX, token)
 
     def stop(self) -> None:
         if self.api is not None:
             self.api.stop()
         self._stop.set()
-        self._wake_jobs.set()
-        self._wake_dispatch.set()
+        self.store.db.wakeups.interrupt()
         if Role.RECEIVE in self.roles:
             self.scp.stop()
         for thread in self._threads:

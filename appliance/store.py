@@ -34,7 +34,8 @@ from appliance.file_modes import make_private_dirs
 from dicom_router.ports import OutboxItem, ReceivedInstance, SinkFullError, StoreOutcome
 from dicom_router.uids import is_valid_uid
 
-__all__ = ["Job", "JobState", "LeaseLost", "OpenStudy", "OutboxState", "ResultFile", "Run", "Store", "worker_name"]
+__all__ = ["JOBS", "OUTBOX", "RECEIVED", "Job", "JobState", "LeaseLost", "OpenStudy", "OutboxState",
+           "ResultFile", "Run", "Store", "worker_name"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 STALE_SPOOL_SECONDS = 24 * 3600
 #: how long a claimed job is a worker's without a heartbeat
 LEASE_SECONDS = 60.0
+#: wake-up channels (appliance.db.engine.Wakeups): a job to run, an outbox item to send
+JOBS = "portico_jobs"
+OUTBOX = "portico_outbox"
+#: an instance was indexed (this process only: the completeness loop runs beside the receiver)
+RECEIVED = "portico_received"
 
 
 #: tells this process from an earlier one with the same pid (a restarted container's process 1)
@@ -182,9 +188,7 @@ class Store:
         for uid in (instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid):
             if not is_valid_uid(uid):
                 raise ValueError("invalid UID in dataset")
-        with self.reading() as tx:
-            held = instances.held(tx, instance.sop_instance_uid)
-            echoed = not held and jobs.is_result(tx, instance.sop_instance_uid)
+        held, echoed = instances.known(self.db, instance.sop_instance_uid)
         if held:
             self.record(AuditRecord(AuditEvent.DUPLICATE, instance.study_instance_uid,
                                     detail={"sop_instance_uid": instance.sop_instance_uid}))
@@ -203,6 +207,7 @@ class Store:
             if not instances.add(tx, instance, path, size, now):
                 return StoreOutcome.DUPLICATE
             studies.count_instance(tx, instance.study_instance_uid, instance.calling_ae_title, now)
+            tx.notify(RECEIVED, here_only=True)  # the hand-off loop beside the receiver
             self._audit(tx, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid,
                                         actor=actor or instance.calling_ae_title,
                                         detail={"sop_instance_uid": instance.sop_instance_uid,
@@ -376,6 +381,7 @@ class Store:
                                   content_key, now)
                 if job_id is not None:
                     ids.append(job_id)
+                    tx.notify(JOBS)
                     self._audit(tx, AuditRecord(AuditEvent.ROUTED, run.study_uid, job_id,
                                                 detail={"rule": rule, "model": model, "series_uid": series_uid,
                                                         "run_version": run.version}))
@@ -386,6 +392,20 @@ class Store:
         return ids
 
     # ---- jobs --------------------------------------------------------------------------------
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by state (one aggregate query: for metrics and the overview)."""
+        with self.reading() as tx:
+            return jobs.count_by_state(tx)
+
+    def next_due(self, channel: str) -> float | None:
+        """When the next job (``JOBS``) or outbox item (``OUTBOX``) falls due; ``None``: none waits."""
+        with self.reading() as tx:
+            return jobs.next_due(tx) if channel == JOBS else outbox.next_due(tx)
+
+    def ping(self) -> None:
+        """Raise when the database does not answer (readiness)."""
+        self.db.query("SELECT 1")
 
     def job(self, job_id: int) -> Job | None:
         with self.reading() as tx:
@@ -425,6 +445,7 @@ class Store:
             taken = [r for r in jobs.running(tx) if r["lease_expires"] is None
                      or float(r["lease_expires"]) < now or _owner_gone(r["lease_owner"])]
             for r in taken:
+                tx.notify(JOBS)
                 jobs.requeue(tx, int(r["id"]), now)
                 self._audit(tx, AuditRecord(AuditEvent.JOB_STATE, r["study_uid"], int(r["id"]),
                                             detail={"state": JobState.PENDING, "reason": "worker gone",
@@ -451,6 +472,8 @@ class Store:
                 for dest in (destinations_for or {}).get(res.sop_instance_uid, destinations):
                     outbox.add(tx, job.id, dest, res.sop_instance_uid, res.sop_class_uid, res.path, queued, now)
             jobs.finish(tx, job.id, provider, package_hash, timings, now)
+            if queued is OutboxState.PENDING and results:
+                tx.notify(OUTBOX)
             self._audit(tx, AuditRecord(AuditEvent.INFERRED, job.study_uid, job.id,
                                         detail={"model": job.model, "package_hash": package_hash,
                                                 "provider": provider,

@@ -6,6 +6,15 @@ configuration whose only data source is ``/dicom-web`` on the same origin, and f
 requests to the PACS. Any other path that is not a file is the single-page app (``index.html``).
 It forwards GET only, to the one PACS URL it was given, and listens on loopback: a demo and test aid,
 not a production viewer deployment.
+
+``disableConfirmationPrompts`` makes OHIF load what a link puts in the viewport without asking: a SEG
+overlay, and a TID 1500 SR's measurements into its tools and measurement panel. Without it, OHIF 3.13.2's
+longitudinal mode (``measurementTrackingMode`` defaults to ``standard``) asks "Do you want to continue
+tracking measurements for this study?" over the SR and loads nothing until the reader answers Yes; with it,
+its tracking context sends ``HYDRATE_SR`` itself once the SR in the active viewport is rehydratable
+(extensions/measurement-tracking, TrackedMeasurementsContext), and the viewport turns to the source
+images with the outlines as tracked measurements. The SR's own view (outlines with its stored values,
+area, volume) is one double-click on its thumbnail away.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ OHIF_DIST = Path(__file__).resolve().parent.parent / "var" / "ohif" / OHIF_VERSI
 
 APP_CONFIG = """window.config = {
   routerBasename: null, extensions: [], modes: [], showStudyList: true,
-  investigationalUseDialog: { option: 'never' }, showLoadingIndicator: true,
+  investigationalUseDialog: { option: 'never' }, showLoadingIndicator: true, disableConfirmationPrompts: true,
   strictZSpacingForVolumeViewport: false, defaultDataSourceName: 'pacs',
   dataSources: [{
     namespace: '@ohif/extension-default.dataSourcesModule.dicomweb', sourceName: 'pacs',

@@ -29,7 +29,7 @@ from appliance.audit import AuditEvent, AuditRecord
 from appliance.db import jobs, outbox, reviews
 from appliance.review import Decision, ReviewConflict, ReviewNotFound, ReviewState
 from appliance.settings import Settings
-from appliance.store import OutboxState, ResultFile, Store
+from appliance.store import OUTBOX, OutboxState, ResultFile, Store
 from inference.results.kos import KOS_SOP_CLASS_UID, RejectionReason, build_rejection_kos
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def withdraw(store: Store, settings: Settings, job_id: int, reviewer: str, reaso
                                                     _detail(destination, why, [u for u, _ in sent[destination]])))
             # a note already queued (a withdrawal retried after a crash) is the same object: keep its row
             outbox.add(tx, job_id, destination, uid, KOS_SOP_CLASS_UID, path, OutboxState.PENDING, now)
+            tx.notify(OUTBOX)
         if row is None:
             reviews.start_retrospective(tx, job_id, ReviewState.WITHDRAWN, now)
         reviews.decide(tx, job_id, ReviewState.WITHDRAWN, now, reviewer, reason, via)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
-from appliance.api import fl, models, operations, review, signin, status, stow
+from appliance.api import audit_search, fl, models, operations, review, signin, status, stow, studies
 from appliance.api.auth import GuardMiddleware, require_declared
 from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
@@ -64,6 +64,8 @@ def create_app(settings: Settings, store: Store, service: Service | None = None,
     app.include_router(operations.build_router(ctx))
     app.include_router(signin.build_router(ctx))
     app.include_router(status.build_router(ctx))
+    app.include_router(studies.build_router(ctx))
+    app.include_router(audit_search.build_router(ctx))
     app.include_router(fl.build_router(ctx))
     app.include_router(models.build_router(ctx))
     app.include_router(review.build_router(ctx))

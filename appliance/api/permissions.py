@@ -54,6 +54,9 @@ ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/jobs"): Permission.STATUS_READ,
     ("GET", "/jobs/{job_id}"): Permission.STATUS_READ,
     ("GET", "/studies/{study_uid}/routing"): Permission.STATUS_READ,
+    ("GET", "/studies"): Permission.STATUS_READ,
+    ("GET", "/studies/{study_uid}"): Permission.STATUS_READ,
+    ("GET", "/overview"): Permission.STATUS_READ,
     ("GET", "/fl/status"): Permission.STATUS_READ,
     ("GET", "/models"): Permission.MODELS_READ,
     ("GET", "/review"): Permission.REVIEW_READ,
@@ -61,6 +64,8 @@ ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/review/{job_id}/images"): Permission.REVIEW_READ,
     ("GET", "/review/{job_id}/images/{number}"): Permission.REVIEW_READ,
     ("GET", "/audit"): Permission.AUDIT_READ,
+    ("GET", "/audit/search"): Permission.AUDIT_READ,
+    ("GET", "/audit/export"): Permission.AUDIT_READ,
     # decisions and changes
     ("POST", "/review/{job_id}/approve"): Permission.REVIEW_DECIDE,
     ("POST", "/review/{job_id}/reject"): Permission.REVIEW_DECIDE,
@@ -70,6 +75,8 @@ ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/models/{name}/{version}/disable"): Permission.MODELS_MANAGE,
     ("POST", "/fl/jobs/{job_id}/approve"): Permission.FL_DECIDE,
     ("POST", "/fl/jobs/{job_id}/reject"): Permission.FL_DECIDE,
+    ("POST", "/jobs/{job_id}/retry"): Permission.JOBS_MANAGE,
+    ("POST", "/studies/{study_uid}/resend"): Permission.JOBS_MANAGE,
     # DICOMweb ingest
     ("POST", "/dicom-web/studies"): Open.STOW_SENDER,
     ("POST", "/dicom-web/studies/{study_uid}"): Open.STOW_SENDER,

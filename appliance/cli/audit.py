@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import json
 import os
 import sqlite3
@@ -17,12 +15,12 @@ from typing import Any
 
 from appliance import audit_chain
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.audit_csv import COLUMNS as COLUMNS
+from appliance.audit_csv import export_row, to_csv
 from appliance.cli.common import also_after, cli_actor, parser, settings_from
 from appliance.db.engine import Dialect, Tx
 from appliance.store import Store
 
-#: the columns of an export, in order
-COLUMNS = ("id", "time", "ts", "event", "study_uid", "job_id", "actor", "detail", "prev_hash", "hash")
 CANONICAL = ("hash = SHA-256 of compact JSON with sorted keys of {id, ts, event, study_uid, job_id, actor, "
              "detail (parsed), prev_hash}; prev_hash = the previous row's hash")
 
@@ -160,22 +158,8 @@ def _export(database: Path, data_dir: Path, args: argparse.Namespace) -> int:
 
 
 def _row(r: sqlite3.Row) -> dict[str, Any]:
-    try:
-        detail: Any = json.loads(r["detail"])
-    except ValueError:  # a tampered row: exported as it is
-        detail = r["detail"]
-    return {"id": r["id"], "time": dt.datetime.fromtimestamp(r["ts"], dt.UTC).isoformat(timespec="milliseconds"),
-            "ts": r["ts"], "event": r["event"], "study_uid": r["study_uid"], "job_id": r["job_id"],
-            "actor": r["actor"], "detail": detail, "prev_hash": r["prev_hash"], "hash": r["hash"]}
+    return export_row(r)
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        # ts as repr: the exact float the hash covers; detail as its canonical JSON
-        writer.writerow([row["id"], row["time"], repr(row["ts"]), row["event"], row["study_uid"] or "",
-                         "" if row["job_id"] is None else row["job_id"], row["actor"],
-                         json.dumps(row["detail"], sort_keys=True), row["prev_hash"] or "", row["hash"] or ""])
-    return out.getvalue()
+    return to_csv(rows)

@@ -22,6 +22,7 @@ Transactions:
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -35,6 +36,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from appliance.file_modes import create_private, make_private_dirs
+
+log = logging.getLogger(__name__)
 
 #: the SQLite file's name in the data folder
 SQLITE_NAME = "portico.sqlite3"
@@ -75,6 +78,18 @@ class Tx:
         self.for_update = " FOR UPDATE" if dialect is Dialect.POSTGRES else ""
         #: ``for_update`` that passes over rows another transaction holds (a queue's claim)
         self.skip_locked = " FOR UPDATE SKIP LOCKED" if dialect is Dialect.POSTGRES else ""
+        #: channels to wake when this transaction commits (:meth:`notify`)
+        self.notes: set[str] = set()
+
+    def notify(self, channel: str, *, here_only: bool = False) -> None:
+        """Wake whoever waits on ``channel`` (:class:`Wakeups`) once this transaction commits.
+
+        In this process always; in every process on PostgreSQL (``NOTIFY``, delivered at commit) unless
+        ``here_only`` (a wake-up only this process's loops need, at no cost to the database).
+        """
+        if channel not in self.notes and self.dialect is Dialect.POSTGRES and not here_only:
+            self._raw.execute(f"NOTIFY {_identifier(channel)}")
+        self.notes.add(channel)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         cursor: Cursor = self._raw.execute(_native(sql, self.dialect), tuple(params))
@@ -105,10 +120,48 @@ class Tx:
         return {str(r[0]) for r in rows}
 
 
+class Wakeups:
+    """Channels a loop can sleep on until a commit says there is work (instead of polling a table).
+
+    Take a :meth:`token` *before* looking for work, then :meth:`wait` with it: a wake-up that came in between
+    is not lost. :meth:`interrupt` wakes every waiter (stopping).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation: dict[str, int] = {}
+
+    def token(self, channel: str) -> int:
+        with self._cond:
+            return self._generation.get(channel, 0)
+
+    def bump(self, channels: Iterable[str]) -> None:
+        with self._cond:
+            for channel in channels:
+                self._generation[channel] = self._generation.get(channel, 0) + 1
+            self._cond.notify_all()
+
+    def interrupt(self) -> None:
+        with self._cond:
+            self._generation = {c: n + 1 for c, n in self._generation.items()}
+            self._generation["*"] = self._generation.get("*", 0) + 1
+            self._cond.notify_all()
+
+    def wait(self, channel: str, token: int, timeout: float) -> bool:
+        """Until ``channel`` moved past ``token`` (True), or ``timeout`` seconds (False)."""
+        with self._cond:
+            stop = self._generation.get("*", 0)
+            return self._cond.wait_for(lambda: self._generation.get(channel, 0) != token
+                                       or self._generation.get("*", 0) != stop, timeout)
+
+
 class Database(ABC):
     """Connections, transactions and the dialect of one appliance database."""
 
     dialect: Dialect
+    #: whether a commit in another process wakes this one's waiters (PostgreSQL's LISTEN/NOTIFY)
+    wakes_other_processes: bool = False
+    wakeups: Wakeups
 
     @abstractmethod
     @contextmanager
@@ -119,6 +172,9 @@ class Database(ABC):
     @contextmanager
     def reading(self) -> Iterator[Tx]:
         """A read-only transaction: several queries that see one snapshot."""
+
+    def listen(self, *channels: str) -> None:  # noqa: B027  (SQLite: nothing reaches another process)
+        """Let commits in other processes wake this one's waiters on ``channels`` (where the engine can)."""
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """The rows of one read-only statement."""
@@ -149,6 +205,7 @@ class SQLiteDatabase(Database):
         # owner-only before SQLite opens it: its -wal and -shm files take the database file's mode
         create_private(path)
         self._lock = threading.RLock()
+        self.wakeups = Wakeups()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -161,12 +218,15 @@ class SQLiteDatabase(Database):
                 self._db.execute("PRAGMA synchronous=FULL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                tx = Tx(self._db, self.dialect)
                 try:
-                    yield Tx(self._db, self.dialect)
+                    yield tx
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                if tx.notes:
+                    self.wakeups.bump(tx.notes)
             finally:
                 if durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
@@ -208,6 +268,7 @@ class PostgresDatabase(Database):
     """A PostgreSQL database (psycopg 3) shared by every process of a site; a small pool per process."""
 
     dialect = Dialect.POSTGRES
+    wakes_other_processes = True
 
     def __init__(self, url: str, *, max_connections: int = 8) -> None:
         try:
@@ -225,14 +286,24 @@ class PostgresDatabase(Database):
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=30.0,
                                     kwargs={"autocommit": True, "row_factory": row}, name="portico")
         self._pool.wait(timeout=30.0)
+        self.wakeups = Wakeups()
+        self._listening: set[str] = set()
+        self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @contextmanager
     def transaction(self, *, durable: bool = False) -> Iterator[Tx]:
-        with self._pool.connection() as conn, conn.transaction():
-            if not durable:  # as SQLite's synchronous=NORMAL: see the module's docstring
-                conn.execute("SET LOCAL synchronous_commit TO off")
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-            yield Tx(conn, self.dialect)
+        # one round trip: the commit's durability (as SQLite's synchronous=NORMAL unless durable: see the
+        # module's docstring) and the write lock
+        sync = "on" if durable else "off"
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL synchronous_commit TO {sync}; "
+                             f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+                tx = Tx(conn, self.dialect)
+                yield tx
+            if tx.notes:  # this process's waiters at once; others through NOTIFY
+                self.wakeups.bump(tx.notes)
 
     @contextmanager
     def reading(self) -> Iterator[Tx]:
@@ -240,7 +311,42 @@ class PostgresDatabase(Database):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield Tx(conn, self.dialect)
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One statement on its own (autocommit: one round trip, a consistent snapshot of its own)."""
+        with self._pool.connection() as conn:
+            return list(conn.execute(_native(sql, self.dialect), tuple(params)).fetchall())
+
+    def listen(self, *channels: str) -> None:
+        """Wake this process's waiters on ``channels`` when any process commits a notification (a thread)."""
+        self._listening.update(_identifier(c) for c in channels)
+        if self._listener is None:
+            self._listener = threading.Thread(target=self._listen, name="db-listen", daemon=True)
+            self._listener.start()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        backoff = 0.5
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    for channel in sorted(self._listening):
+                        conn.execute(f"LISTEN {channel}")
+                    self.wakeups.interrupt()  # anything committed while not listening: look again
+                    backoff = 0.5
+                    while not self._closed.is_set():
+                        got = {n.channel for n in conn.notifies(timeout=1.0)}
+                        if got:
+                            self.wakeups.bump(got)
+            except Exception:  # the server restarting: listen again, waiters poll meanwhile
+                log.warning("database notifications lost; listening again in %.1f s", backoff)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
     def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5)
         self._pool.close()
 
     def describe(self) -> str:

@@ -148,12 +148,42 @@ def save_result(tx: Tx, job_id: int, res: ResultFile) -> None:
                (res.sop_instance_uid, job_id, res.kind, res.sop_class_uid, str(res.path), json.dumps(res.detail)))
 
 
-def is_result(tx: Tx, sop_instance_uid: str) -> bool:
-    return tx.one("SELECT 1 FROM results WHERE sop_instance_uid = ?", (sop_instance_uid,)) is not None
-
-
 def results(tx: Tx, job_id: int | None = None) -> list[ResultFile]:
     rows = tx.execute("SELECT * FROM results WHERE job_id = ? ORDER BY sop_instance_uid", (job_id,)) \
         if job_id is not None else tx.execute("SELECT * FROM results ORDER BY job_id, sop_instance_uid")
     return [ResultFile(r["sop_instance_uid"], r["kind"], r["sop_class_uid"], Path(r["path"]),
                        json.loads(r["detail"] or "{}")) for r in rows]
+
+
+def next_due(tx: Tx) -> float | None:
+    """When the next PENDING job is due (``None``: none is waiting)."""
+    at = tx.scalar("SELECT MIN(next_attempt_at) FROM jobs WHERE state = ?", (JobState.PENDING,))
+    return None if at is None else float(at)
+
+
+def count_by_state(tx: Tx) -> dict[str, int]:
+    """How many jobs are in each state."""
+    return {str(r["state"]): int(r["n"]) for r in tx.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+
+
+def models_used(tx: Tx) -> list[str]:
+    """Every model name a job was made for (for the study list's filter)."""
+    return [str(r[0]) for r in tx.all("SELECT DISTINCT model FROM jobs ORDER BY model")]
+
+
+def of_studies(tx: Tx, study_uids: list[str]) -> list[Any]:
+    """Id, study, model and state of every job of ``study_uids`` (a page of the study list), by id."""
+    if not study_uids:
+        return []
+    marks = ",".join("?" * len(study_uids))
+    return tx.all(f"SELECT id, study_uid, model, model_version, state FROM jobs WHERE study_uid IN ({marks}) "
+                  "ORDER BY id", study_uids)
+
+
+def created_at(tx: Tx, job_ids: list[int]) -> dict[int, float]:
+    """When each of ``job_ids`` was made (routed)."""
+    if not job_ids:
+        return {}
+    marks = ",".join("?" * len(job_ids))
+    return {int(r["id"]): float(r["created"]) for r in tx.execute(
+        f"SELECT id, created FROM jobs WHERE id IN ({marks})", job_ids)}

@@ -116,3 +116,56 @@ def sent_items(tx: Tx, job_id: int, *, except_class: str = "") -> list[Any]:
     return tx.all("SELECT destination, sop_instance_uid, path FROM outbox WHERE job_id = ? AND state = ? "
                   "AND sop_class_uid != ? ORDER BY destination, sop_instance_uid",
                   (job_id, OutboxState.SENT, except_class))
+
+
+def of_study(tx: Tx, study_uid: str) -> list[dict[str, Any]]:
+    """Every outbox row of the study's jobs (no file paths), by job and destination."""
+    return [dict(r) for r in tx.execute(
+        "SELECT o.id, o.job_id, o.destination, o.sop_instance_uid, o.sop_class_uid, o.state, o.attempts, "
+        "o.next_attempt_at, o.last_error, o.created, o.sent_at FROM outbox o JOIN jobs j ON j.id = o.job_id "
+        "WHERE j.study_uid = ? ORDER BY o.job_id, o.destination, o.id", (study_uid,))]
+
+
+#: what a resend takes back into the queue: sent, given up on, or waiting for a later retry
+RESENDABLE = (OutboxState.SENT, OutboxState.FAILED, OutboxState.PENDING)
+
+
+def resend(tx: Tx, study_uid: str, destination: str | None, reviews_allowing: tuple[str, ...]) -> dict[str, int]:
+    """The study's sent, failed or waiting items (for ``destination``, or every one) due again now, tried afresh.
+
+    Only items of jobs without a review row, or whose review state is in ``reviews_allowing`` (a rejected or
+    withdrawn job's results are never sent again); held and cancelled items never move. Returns the items
+    queued per destination.
+    """
+    marks, allow = ",".join("?" * len(RESENDABLE)), ",".join("?" * len(reviews_allowing)) or "NULL"
+    where = (f"state IN ({marks}) AND job_id IN (SELECT j.id FROM jobs j LEFT JOIN reviews v ON v.job_id = j.id "
+             f"WHERE j.study_uid = ? AND (v.job_id IS NULL OR v.state IN ({allow})))")
+    params: list[Any] = [*RESENDABLE, study_uid, *reviews_allowing]
+    if destination is not None:
+        where += " AND destination = ?"
+        params.append(destination)
+    counts = {str(r["destination"]): int(r["n"]) for r in tx.execute(
+        f"SELECT destination, COUNT(*) AS n FROM outbox WHERE {where} GROUP BY destination ORDER BY destination",
+        params)}
+    tx.execute(f"UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = 0, last_error = NULL WHERE {where}",
+               [OutboxState.PENDING, *params])
+    return counts
+
+
+def depth_by_destination(tx: Tx) -> dict[str, dict[str, Any]]:
+    """Per destination: unsent items (pending and held) and when the oldest pending one was queued."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in tx.execute("SELECT destination, state, COUNT(*) AS n, MIN(created) AS oldest FROM outbox "
+                        "WHERE state IN (?, ?, ?) GROUP BY destination, state",
+                        (OutboxState.PENDING, OutboxState.HELD, OutboxState.FAILED)):
+        entry = out.setdefault(str(r["destination"]), {"pending": 0, "held": 0, "failed": 0, "oldest_pending": None})
+        entry[str(r["state"]).lower()] = int(r["n"])
+        if r["state"] == OutboxState.PENDING:
+            entry["oldest_pending"] = float(r["oldest"])
+    return out
+
+
+def next_due(tx: Tx) -> float | None:
+    """When the next PENDING item is due (``None``: nothing waits to be sent)."""
+    at = tx.scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (OutboxState.PENDING,))
+    return None if at is None else float(at)

@@ -84,3 +84,128 @@ def run(tx: Tx, study_uid: str, version: int) -> Run | None:
 
 def mark_routed(tx: Tx, run: Run) -> None:
     tx.execute("UPDATE runs SET routed = 1 WHERE study_uid = ? AND version = ?", (run.study_uid, run.version))
+
+
+# ---- the dashboard's study list (appliance.study_view) ---------------------------------------------------------
+
+#: what a study's row in the list says, each a subquery over the study's own rows (indexed by study)
+_JOB = "SELECT {agg} FROM jobs j WHERE j.study_uid = s.study_uid"
+_OUT = "SELECT {agg} FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.study_uid = s.study_uid"
+_AGGREGATES: dict[str, str] = {
+    "instance_count": "SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid",
+    "series_count": "SELECT COUNT(DISTINCT i.series_uid) FROM instances i WHERE i.study_uid = s.study_uid",
+    "runs": "SELECT COUNT(*) FROM runs r WHERE r.study_uid = s.study_uid",
+    "unrouted": "SELECT COUNT(*) FROM runs r WHERE r.study_uid = s.study_uid AND r.routed = 0",
+    "complete_at": "SELECT MIN(r.created) FROM runs r WHERE r.study_uid = s.study_uid",
+    "jobs": _JOB.format(agg="COUNT(*)"),
+    "jobs_active": _JOB.format(agg="COUNT(*)") + " AND j.state IN ('PENDING', 'RUNNING')",
+    "jobs_failed": _JOB.format(agg="COUNT(*)") + " AND j.state = 'FAILED'",
+    "routed_at": _JOB.format(agg="MIN(j.created)"),
+    "inferred_at": _JOB.format(agg="MAX(j.updated)") + " AND j.state = 'DONE'",
+    "reviews_decided": "SELECT COUNT(v.decided_at) FROM reviews v JOIN jobs j ON j.id = v.job_id "
+                       "WHERE j.study_uid = s.study_uid",
+    "reviewed_at": "SELECT MAX(v.decided_at) FROM reviews v JOIN jobs j ON j.id = v.job_id "
+                   "WHERE j.study_uid = s.study_uid",
+    "outbox": _OUT.format(agg="COUNT(*)"),
+    "outbox_held": _OUT.format(agg="COUNT(*)") + " AND o.state = 'HELD'",
+    "outbox_pending": _OUT.format(agg="COUNT(*)") + " AND o.state = 'PENDING'",
+    "outbox_failed": _OUT.format(agg="COUNT(*)") + " AND o.state = 'FAILED'",
+    "outbox_sent": _OUT.format(agg="COUNT(*)") + " AND o.state = 'SENT'",
+    "sent_at": _OUT.format(agg="MAX(o.sent_at)") + " AND o.state = 'SENT'",
+}
+#: the furthest stage a study reached (received → complete → routed → inferred → reviewed → sent), or failed
+_STATE = """CASE
+    WHEN a.jobs_failed > 0 OR a.outbox_failed > 0 THEN 'failed'
+    WHEN a.runs = 0 THEN 'received'
+    WHEN a.unrouted > 0 THEN 'complete'
+    WHEN a.jobs = 0 THEN 'no_match'
+    WHEN a.jobs_active > 0 THEN 'routed'
+    WHEN a.outbox_held > 0 THEN 'inferred'
+    WHEN a.outbox_pending > 0 THEN (CASE WHEN a.reviews_decided > 0 THEN 'reviewed' ELSE 'inferred' END)
+    WHEN a.outbox_sent > 0 THEN 'sent'
+    WHEN a.reviews_decided > 0 THEN 'reviewed'
+    ELSE 'inferred' END"""
+#: the values :data:`_STATE` takes, in the order a study goes through them
+STUDY_STATES = ("received", "complete", "no_match", "routed", "inferred", "reviewed", "sent", "failed")
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """What the study list is narrowed to; ``None`` (or ``False``) leaves a field out."""
+
+    #: first instance received at or after (epoch seconds)
+    since: float | None = None
+    #: first instance received before (epoch seconds)
+    until: float | None = None
+    #: one of :data:`STUDY_STATES`
+    state: str | None = None
+    #: the sending AE title (exact)
+    calling_ae: str | None = None
+    #: a model with a job for the study (exact)
+    model: str | None = None
+    #: studies with a failed job or a result given up on
+    failed_only: bool = False
+
+
+def _summaries(flt: StudyFilter, study_uid: str | None) -> tuple[str, list[Any]]:
+    """The summary query (without order and limit) and its parameters."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if study_uid is not None:
+        clauses.append("s.study_uid = ?")
+        params.append(study_uid)
+    if flt.since is not None:
+        clauses.append("s.first_received >= ?")
+        params.append(flt.since)
+    if flt.until is not None:
+        clauses.append("s.first_received < ?")
+        params.append(flt.until)
+    if flt.calling_ae:
+        clauses.append("s.calling_ae = ?")
+        params.append(flt.calling_ae)
+    if flt.model:
+        clauses.append("EXISTS (SELECT 1 FROM jobs m WHERE m.study_uid = s.study_uid AND m.model = ?)")
+        params.append(flt.model)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    columns = ", ".join(f"({sql}) AS {name}" for name, sql in _AGGREGATES.items())
+    inner = (f"SELECT s.study_uid, s.calling_ae, s.first_received, s.last_received, s.received_count, s.open, "
+             f"{columns} FROM studies s{where}")
+    states: list[str] = []
+    if flt.state:
+        states.append(flt.state)
+    outer = f"SELECT * FROM (SELECT a.*, {_STATE} AS state FROM ({inner}) a) b"
+    if flt.failed_only:
+        outer += " WHERE b.state = 'failed'" + (" AND b.state = ?" if states else "")
+    elif states:
+        outer += " WHERE b.state = ?"
+    return outer, params + states
+
+
+def summaries(tx: Tx, flt: StudyFilter, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """How many studies match ``flt``, and the page of them from ``offset``, most recently received first."""
+    sql, params = _summaries(flt, None)
+    total = int(tx.scalar(f"SELECT COUNT(*) FROM ({sql}) c", params))
+    rows = tx.all(f"{sql} ORDER BY b.last_received DESC, b.study_uid LIMIT ? OFFSET ?", [*params, limit, offset])
+    return total, [dict(r) for r in rows]
+
+
+def summary(tx: Tx, study_uid: str) -> dict[str, Any] | None:
+    """One study's row as :func:`summaries` gives it; ``None`` for a study never received."""
+    sql, params = _summaries(StudyFilter(), study_uid)
+    row = tx.one(sql, params)
+    return None if row is None else dict(row)
+
+
+def senders(tx: Tx) -> list[str]:
+    """Every AE title that sent a study (for the list's filter)."""
+    return [str(r[0]) for r in tx.all("SELECT DISTINCT calling_ae FROM studies ORDER BY calling_ae")]
+
+
+def runs_of(tx: Tx, study_uid: str) -> list[Run]:
+    """The study's runs, oldest first."""
+    return [_run(r) for r in tx.all("SELECT * FROM runs WHERE study_uid = ? ORDER BY version", (study_uid,))]
+
+
+def first_received_since(tx: Tx, since: float) -> list[float]:
+    """When each study first received since ``since`` arrived (one value per study: a small table)."""
+    return [float(r[0]) for r in tx.all("SELECT first_received FROM studies WHERE first_received >= ?", (since,))]

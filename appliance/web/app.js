@@ -518,9 +518,27 @@
   // what each view reads (appliance.roles)
   const VIEW_PERMISSIONS = { status: "status.read", queue: "review.read", reviewed: "review.read",
     fl: "status.read" };
+  // views added by the other scripts (overview.js, studies.js, audit.js): what to do on leaving, signing out
+  const LEAVE = {};
+  const CLEAR = {};
+
+  // a view from another script: its section is #view-NAME, its tab button data-view="NAME"
+  function registerView(name, view) {
+    VIEWS[name] = view.load;
+    VIEW_PERMISSIONS[name] = view.permission;
+    if (view.leave) {
+      LEAVE[name] = view.leave;
+    }
+    if (view.clear) {
+      CLEAR[name] = view.clear;
+    }
+  }
 
   async function show(name) {
     for (const view of Object.keys(VIEWS)) {
+      if (view !== name && LEAVE[view]) {
+        LEAVE[view]();
+      }
       $("view-" + view).hidden = view !== name;
     }
     for (const tab of document.querySelectorAll("#tabs button")) {
@@ -556,6 +574,12 @@
     me = null;
     for (const view of Object.keys(VIEWS)) {
       $("view-" + view).hidden = true;
+      if (LEAVE[view]) {
+        LEAVE[view]();
+      }
+      if (CLEAR[view]) {
+        CLEAR[view]();
+      }
     }
     // nothing fetched while signed in stays on the page
     $("queue-items").textContent = "";
@@ -580,6 +604,13 @@
   }
 
   $("routing-form").addEventListener("submit", explainRouting);
+
+  // what the other scripts of the dashboard use (they load after this one, before the page is ready)
+  window.Portico = Object.freeze({
+    $: $, api: api, may: may, cell: cell, shortUid: shortUid, when: when, fillCounts: fillCounts,
+    showError: showError, announce: announce, clearNotices: clearNotices, registerView: registerView,
+    show: (name) => show(name),
+  });
 
   async function onSignOut() {
     clearNotices();

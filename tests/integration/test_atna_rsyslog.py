@@ -128,7 +128,7 @@ def check_message(root: ET.Element) -> dict[str, Any]:
 
 
 def audit_event_of(store: Store) -> dict[int, str]:
-    return {int(r["id"]): str(r["event"]) for r in store.query("SELECT id, event FROM audit")}
+    return {int(r["id"]): str(r["event"]) for r in store.db.query("SELECT id, event FROM audit")}
 
 
 def test_every_mapped_event_reaches_rsyslog_over_tcp(tmp_path: Path, store: Store,
@@ -226,7 +226,7 @@ def test_a_collector_restart_loses_nothing_at_least_once(tmp_path: Path, store: 
     finally:
         sender.stop()
     ids = Counter(r.sequence_id for r in rsyslog.records())
-    expected = {int(r["id"]) for r in store.query("SELECT id FROM audit WHERE event = 'connections_refused'")}
+    expected = {int(r["id"]) for r in store.db.query("SELECT id FROM audit WHERE event = 'connections_refused'")}
     assert set(ids) == expected
     assert sorted(ids.values()) == [1] * 13 + [2] * 5  # the 5 unconfirmed at the stop came twice
     assert atna_outbox.counts(store) == {"sent": 18}  # the clean close at stop confirmed the rest

@@ -3,8 +3,11 @@
 The pinned ``@ohif/app`` build (``scripts/fetch-ohif.sh``; skipped with that hint when absent) is
 served same-origin with Orthanc's DICOMweb (:mod:`tests.support.ohif`) and driven in Debian's
 headless Chromium with SwiftShader WebGL. The results are the shipped demo model's on a phantom CT.
-Checks: the SR's outlines are drawn with their measurements (volume, HU, area), the SEG loads with its
-three segments and overlay pixels in their colours, the SC summary displays. Screenshots go to
+Checks: opened from the study link, OHIF loads the SR's planar measurements by itself (app-config
+``disableConfirmationPrompts``) and its measurement panel lists them with their areas, the SR's own view
+draws its outlines with its stored values (area, volume), the SEG loads with its three segments and
+overlay pixels in their colours, the SC summary displays. The tests only open links, click and read the
+page; they run no OHIF command. Screenshots go to
 ``var/test-artifacts/`` (``PORTICO_TEST_ARTIFACTS``); the time from opening the study to the SEG
 overlay drawn is printed.
 """
@@ -55,6 +58,10 @@ STATE = """() => {
     outlines: document.querySelectorAll("svg polyline, svg path").length,
   };
 }"""
+
+
+#: OHIF's record of the tours a browser has been shown
+TOUR_SEEN = "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
 
 
 @dataclass
@@ -114,6 +121,9 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    # a reader who has seen OHIF's first-visit tour: it starts whenever the viewport mounts and its
+    # overlay takes the clicks (ui-next Onboarding, the 'ohif.tours' customization, localStorage)
+    context.add_init_script(TOUR_SEEN)
     page = context.new_page()
     console: list[str] = []
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
@@ -148,23 +158,45 @@ def red(pixels: np.ndarray) -> int:
 
 
 def skip_tour(page: Page) -> None:
-    """OHIF's first-visit tour dims the screen; skip it when it shows."""
+    """OHIF's first-visit tour dims the screen; skip it if it shows all the same."""
     skip = page.get_by_text("Skip all", exact=True)
     if skip.count():
         skip.first.click(timeout=5000)
 
 
 def sr_shown(page: Page) -> dict[str, Any] | None:
+    """The SR's own view: its outlines with the values it stores (area in cm2, volume)."""
     s = state(page)
-    return s if "Area:" in str(s["text"]) and int(str(s["outlines"])) > 0 else None
+    return s if "Area:" in str(s["text"]) and "cm2" in str(s["text"]) and int(str(s["outlines"])) > 0 else None
+
+
+#: the SR as OHIF's display set service holds it: rehydratable, and hydrated once its measurements are
+#: loaded into the tools (read only: the test runs no OHIF command)
+SR_DISPLAY_SET = """() => {
+  const s = window.services;
+  const sr = s && s.displaySetService.getActiveDisplaySets().find((d) => d.Modality === 'SR');
+  return sr ? { rehydratable: sr.isRehydratable === true, hydrated: sr.isHydrated === true,
+                measurements: s.measurementService.getMeasurements().length } : null;
+}"""
+
+
+def sr_hydrated(page: Page) -> dict[str, Any] | None:
+    """OHIF loaded the SR's three planar measurements by itself (app-config ``disableConfirmationPrompts``)."""
+    sr: dict[str, Any] | None = page.evaluate(SR_DISPLAY_SET)
+    return sr if sr and sr["hydrated"] and sr["measurements"] == 3 else None
 
 
 def test_ohif_draws_the_srs_outlines_with_their_measurements(ohif: tuple[OhifServer, Study], page: Page) -> None:
     server, study = ohif
     page.goto(server.viewer_url(study.study_uid, str(study.sr.SeriesInstanceUID)))
+    # opened from the link, OHIF loads the SR's measurements and turns the viewport to the CT; the SR's
+    # own view (its stored values) is a double-click on its thumbnail, as a reader would bring it back
+    wait_for(lambda: sr_hydrated(page), timeout=TIMEOUT_S, interval=1.0, message="the SR loaded by OHIF")
+    skip_tour(page)
+    page.locator("[data-cy=study-browser-thumbnail-no-image]").filter(
+        has_text=str(study.sr.SeriesDescription)).first.dblclick()
     found = wait_for(lambda: sr_shown(page), timeout=TIMEOUT_S, interval=1.0,
                      message="SR outlines and measurements in OHIF")
-    skip_tour(page)
     assert found is not None
     text = str(found["text"])
     assert "Area:" in text and "cm2" in text  # the planar group's value leads (OHIF shows the first few)
@@ -206,22 +238,6 @@ MEASUREMENTS = """() => window.services.measurementService.getMeasurements().map
 }))"""
 
 
-def load_sr_measurements(page: Page) -> None:
-    """Load the SR's measurements into OHIF's tools, as its tracking context does for a rehydratable SR.
-
-    OHIF 3.13.2 marks this SR rehydratable (its badge turns from alert to "untracked") but, opened from a
-    link, neither prompts nor hydrates it, and its SR badge has no LOAD button (only SEG and RTSTRUCT get
-    one); so the test runs the command OHIF registers for it, ``loadTrackedSRMeasurements``.
-    """
-    page.evaluate("""() => {
-      const s = window.services;
-      const sr = s.displaySetService.getActiveDisplaySets().find((d) => d.Modality === 'SR');
-      window.commandsManager.runCommand('loadTrackedSRMeasurements', {
-        displaySetInstanceUID: sr.displaySetInstanceUID, SeriesInstanceUID: sr.SeriesInstanceUID,
-        viewportId: s.viewportGridService.getActiveViewportId()});
-    }""")
-
-
 def sr_areas(sr: Dataset) -> dict[str, float]:
     """Finding → area (cm²) of the SR's planar groups, read back with highdicom."""
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
@@ -239,14 +255,13 @@ def test_ohif_lists_the_planar_measurements_in_its_panel_with_their_values(ohif:
     server, study = ohif
     expected = sr_areas(study.sr)
     assert len(expected) == 3
+    # the link a reader opens, and nothing else: no prompt to answer, no OHIF command run by the test
     page.goto(server.viewer_url(study.study_uid, str(study.sr.SeriesInstanceUID)))
-    wait_for(lambda: sr_shown(page), timeout=TIMEOUT_S, interval=1.0, message="SR shown")
+    hydrated = wait_for(lambda: sr_hydrated(page), timeout=TIMEOUT_S, interval=0.5,
+                        message="OHIF loading the SR's measurements by itself")
+    assert hydrated is not None and hydrated["rehydratable"]
+    assert "continue tracking measurements" not in str(state(page)["text"])  # OHIF's prompt, not shown
     skip_tour(page)
-    assert page.evaluate("""() => window.services.displaySetService.getActiveDisplaySets()
-      .find((d) => d.Modality === 'SR').isRehydratable""") is True
-    load_sr_measurements(page)
-    wait_for(lambda: len(page.evaluate(MEASUREMENTS)) == 3, timeout=TIMEOUT_S, interval=0.5,
-             message="the SR's measurements in OHIF's measurement service")
     page.locator("[data-cy=trackedMeasurements-btn]").click()
     panel = page.locator("#viewerLayoutResizableRightPanel")  # the measurements panel, once opened
     wait_for(lambda: "Measurements (3)" in panel.inner_text(), timeout=TIMEOUT_S, interval=0.5,

@@ -97,7 +97,9 @@ def api_answers(base: str, job_ids: list[int], study_uids: list[str]) -> dict[st
     headers = {"Authorization": f"Bearer {TOKEN}"}
     paths = ["/status", "/jobs", "/audit?limit=1000", "/review?state=all", "/review?state=held", "/models",
              "/ui/", *(f"/jobs/{j}" for j in job_ids), *(f"/review/{j}" for j in job_ids),
-             *(f"/jobs?study_uid={s}" for s in study_uids), *(f"/audit?study_uid={s}" for s in study_uids)]
+             *(f"/jobs?study_uid={s}" for s in study_uids), *(f"/audit?study_uid={s}" for s in study_uids),
+             "/overview", "/studies", "/audit/search?limit=500", *(f"/studies/{s}" for s in study_uids),
+             *(f"/studies/{s}/routing" for s in study_uids)]
     out = {}
     with httpx.Client(base_url=base, headers=headers, timeout=10.0) as client:
         for path in paths:

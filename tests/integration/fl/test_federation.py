@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 #: the floor is on (clip, noise, budget, local normalisation) at test scale: tiny cohorts, and noise small
 #: enough that two rounds still learn (std = 1e-5 x 100 = 1e-3 per coordinate; the budget is nominal)
 CLIP_NORM, NOISE_MULTIPLIER = 100.0, 1e-5
-# run_as None: these sites run NVFlare as the test's own user (root here); test_client_runs_as_its_own_user.py runs one in its box
+# run_as None: these sites run NVFlare as the test's own user (root here); the box test runs one as its own user
 SITE_SETTINGS = {"enabled": True, "restart_backoff_s": 1.0, "stop_timeout_s": 5.0, "run_as": None,
                  "privacy": {"min_series": 2, "min_patients": 2, "min_examples_per_round": 16,
                              "clip_norm": CLIP_NORM, "noise_multiplier": NOISE_MULTIPLIER, "epsilon": 1e15}}
@@ -223,7 +223,7 @@ def test_only_weights_and_metrics_leave_a_site(fed: Federation) -> None:
     for site in fed.sites.values():
         store = Store(site.data_dir, fsync=False)
         try:
-            rows = store._query("SELECT study_uid, series_uid, sop_instance_uid, path FROM instances")
+            rows = store.db.query("SELECT study_uid, series_uid, sop_instance_uid, path FROM instances")
         finally:
             store.close()
         for r in rows[:40]:

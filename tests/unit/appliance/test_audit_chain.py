@@ -16,6 +16,7 @@ from appliance.audit import AuditEvent, AuditRecord
 from appliance.cli import audit as audit_cli
 from appliance.db.engine import Dialect, Tx
 from appliance.store import Store
+from tests.support.postgres import PostgresServer
 
 OLD_AUDIT = """CREATE TABLE audit (id INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL, study_uid TEXT,
     job_id INTEGER, actor TEXT NOT NULL, detail TEXT NOT NULL)"""
@@ -238,3 +239,20 @@ def test_cli_export_csv_and_json_are_reverifiable(tmp_path: Path, store: Store,
     assert capsys.readouterr().out.splitlines() == [",".join(audit_cli.COLUMNS)]
     exported = [e for e in store.audit_events() if e["event"] == "audit_exported"]
     assert [e["detail"]["rows"] for e in exported] == [4, 5, 0]
+
+
+def test_the_chain_verifies_on_postgresql_too(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    store = Store(tmp_path / "var", fsync=False, database=postgres_server.new_database())
+    try:
+        for n in range(5):
+            store.record(AuditRecord(AuditEvent.SERVICE, detail={"n": n}))
+        with store.reading() as tx:
+            result = audit_chain.verify(tx)
+            assert result.ok and result.rows == 5
+        with store.transaction() as tx:
+            tx.execute("UPDATE audit SET actor = 'someone else' WHERE id = 3")
+        with store.reading() as tx:
+            problem = audit_chain.verify(tx).problem
+        assert problem is not None and (problem.kind, problem.audit_id) == ("edited", 3)
+    finally:
+        store.close()

@@ -148,32 +148,23 @@ def test_deliveries_retries_and_failures_per_destination_with_the_dispatch_laten
     assert value(metrics, "portico_stage_duration_seconds_sum", stage="dispatch") == 0.5
 
 
-@dataclass
-class Job:
-    state: str
-
-
 class FakeStore:
-    """The four public store methods the collector reads."""
+    """The three public store methods the collector reads (aggregates: no whole table is read)."""
 
     def __init__(self, *, broken: bool = False) -> None:
         self.broken = broken
 
-    def jobs(self) -> list[Job]:
+    def job_counts(self) -> dict[str, int]:
         if self.broken:
             raise RuntimeError("database is locked")
-        return [Job("DONE"), Job("DONE"), Job("PENDING"), Job("FAILED")]
+        return {"DONE": 2, "PENDING": 1, "FAILED": 1}
 
     def instance_count(self) -> int:
         return 12
 
     def destination_status(self) -> dict[str, dict[str, Any]]:
-        return {"pacs": {"states": {"SENT": 4, "PENDING": 2}, "last_error": None, "next_retry_at": None}}
-
-    def outbox(self) -> list[dict[str, Any]]:
-        return [{"destination": "pacs", "state": "SENT", "created": 100.0},
-                {"destination": "pacs", "state": "PENDING", "created": 940.0},
-                {"destination": "pacs", "state": "PENDING", "created": 970.0}]
+        return {"pacs": {"states": {"SENT": 4, "PENDING": 2}, "last_error": None, "next_retry_at": None,
+                         "oldest_pending": 940.0}}
 
 
 def test_state_is_read_at_scrape_time(tmp_path: Path) -> None:

@@ -86,8 +86,8 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    store = Store(tmp_path / "var", fsync=False)
+def site(tmp_path: Path, database_url: str | None) -> Iterator[Site]:
+    store = Store(tmp_path / "var", fsync=False, database=database_url)
     yield Site(tmp_path, store, Clock())
     store.close()
 

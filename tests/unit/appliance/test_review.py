@@ -46,7 +46,7 @@ class Site:
     def reopen(self) -> Site:
         """The appliance restarted: a new store, runner and review book on the same data folder."""
         self.store.close()
-        return make_site(self.tmp, self.settings.review.model_dump())
+        return make_site(self.tmp, self.settings.review.model_dump(), self.settings.storage.database)
 
     def job(self, seed: int) -> Job:
         """Store a phantom CT series, hand it off, route it to ``tiny`` and run the job."""
@@ -78,21 +78,21 @@ def store_file(store: Store, path: Path) -> StoreOutcome:
                                         "127.0.0.1", path.read_bytes()))
 
 
-def make_site(tmp: Path, review: dict[str, object]) -> Site:
+def make_site(tmp: Path, review: dict[str, object], database: str | None = None) -> Site:
     if not (tmp / "models" / "tiny").exists():
         make_package(tmp / "models" / "tiny")
     settings = Settings.model_validate({
-        "storage": {"data_dir": str(tmp / "var"), "fsync": False, "min_free_mb": 0},
+        "storage": {"data_dir": str(tmp / "var"), "fsync": False, "min_free_mb": 0, "database": database or "sqlite"},
         "inference": {"models_dir": str(tmp / "models")},
         "dispatch": {"destinations": DESTINATIONS}, "review": review})
-    store = Store(settings.data_dir, fsync=False)
+    store = Store.from_settings(settings, fsync=False)
     runner = JobRunner(settings, store, ModelRegistry.from_settings(settings), SessionCache())
     return Site(tmp, settings, store, runner, Reviews(store, settings.review))
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = make_site(tmp_path, {"required": True})
+def site(tmp_path: Path, database_url: str | None) -> Iterator[Site]:
+    s = make_site(tmp_path, {"required": True}, database_url)
     yield s
     s.store.close()
 

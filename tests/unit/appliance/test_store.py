@@ -8,6 +8,7 @@ import pytest
 from appliance.store import Job, JobState, LeaseLost, OutboxState, ResultFile, Store
 from dicom_router.ports import ReceivedInstance, SinkFullError, StoreOutcome
 from tests.support.polling import wait_for
+from tests.support.postgres import PostgresServer
 
 STUDY = "1.2.3.4"
 SERIES = "1.2.3.4.5"
@@ -287,3 +288,49 @@ def test_a_lease_that_runs_out_goes_to_another_worker_and_the_first_records_noth
     store.complete_job(second, res, ["pacs"], "CPU", "h", {})
     done = store.job(first.id)
     assert [o["destination"] for o in store.outbox()] == ["pacs"] and done is not None and done.state is JobState.DONE
+
+
+def test_commits_wake_the_loops_that_wait_for_them(store: Store, tmp_path: Path) -> None:
+    """A new job, a requeued one and results to send wake their channel's waiters; a token taken before
+    looking for work keeps a wake-up that came in between."""
+    from appliance.store import JOBS, OUTBOX, RECEIVED
+
+    wake = store.db.wakeups
+    tokens = {c: wake.token(c) for c in (JOBS, OUTBOX, RECEIVED)}
+    assert not wake.wait(JOBS, tokens[JOBS], 0.01)  # nothing yet
+    store.store(instance(1))
+    assert wake.wait(RECEIVED, tokens[RECEIVED], 0.01)
+    run = store.hand_off(STUDY, "count")
+    assert run is not None
+    store.record_routes(run, [("r", "m", None, SERIES, "k")])
+    assert wake.wait(JOBS, tokens[JOBS], 0.01)  # already moved: returns at once
+    assert store.next_due(JOBS) is not None and store.next_due(OUTBOX) is None
+    job = store.claim_job()
+    assert job is not None
+    res = [ResultFile("9.9.1", "seg", "1.2.840.10008.5.1.4.1.1.66.4", tmp_path / "seg.dcm", {})]
+    store.complete_job(job, res, ["pacs"], "CPU", "h", {})
+    assert wake.wait(OUTBOX, tokens[OUTBOX], 0.01)
+    assert store.next_due(OUTBOX) is not None and store.next_due(JOBS) is None
+    later = wake.token(OUTBOX)
+    wake.interrupt()  # stopping: every waiter returns
+    assert wake.wait(OUTBOX, later, 5)
+
+
+def test_a_commit_in_another_process_wakes_a_postgresql_listener(tmp_path: Path,
+                                                                 postgres_server: PostgresServer) -> None:
+    from appliance.store import JOBS
+
+    url = postgres_server.new_database()
+    here, there = Store(tmp_path / "a", database=url), Store(tmp_path / "b", database=url)
+    try:
+        there.db.listen(JOBS)
+        wait_for(lambda: there.db.wakeups.token("*") >= 1, timeout=10, message="listening")  # LISTEN done
+        token = there.db.wakeups.token(JOBS)
+        here.store(instance(1))
+        run = here.hand_off(STUDY, "count")
+        assert run is not None
+        here.record_routes(run, [("r", "m", None, SERIES, "k")])
+        assert there.db.wakeups.wait(JOBS, token, 10)  # NOTIFY reached the other connection
+    finally:
+        here.close()
+        there.close()

@@ -26,16 +26,16 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "portico.yaml"
-    path.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "var"), "fsync": False,
-                                                "min_free_mb": 0}}))
+def config(tmp_path: Path, database_url: str | None) -> Path:
+    path = tmp_path / "portico.yaml"  # the CLI tests open the same database through it
+    path.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "var"), "fsync": False, "min_free_mb": 0,
+                                                "database": database_url or "sqlite"}}))
     return path
 
 
 @pytest.fixture
 def store(config: Path) -> Iterator[Store]:
-    store = Store(load_settings(config).data_dir, fsync=False)
+    store = Store.from_settings(load_settings(config), fsync=False)
     yield store
     store.close()
 

@@ -79,13 +79,13 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path, database_url: str | None) -> Iterator[Site]:
     make_package(tmp_path / "models" / "tiny")
     settings = Settings.model_validate({
         "storage": {"data_dir": str(tmp_path / "var"), "fsync": False, "min_free_mb": 0},
         "inference": {"models_dir": str(tmp_path / "models")},
         "dispatch": {"destinations": DESTINATIONS}, "review": {"required": True}})
-    store = Store(settings.data_dir, fsync=False)
+    store = Store(settings.data_dir, fsync=False, database=database_url)
     runner = JobRunner(settings, store, ModelRegistry.from_settings(settings), SessionCache())
     yield Site(tmp_path, settings, store, runner, Reviews(store, settings.review))
     store.close()
