@@ -59,12 +59,13 @@ def test_real_compressed_ct_gets_seg_and_sr(
     sr = hd.sr.srread(io.BytesIO(pacs.client.get_instances_id_file(derived["SR"][0])))
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 3
-    planar = sr.content.get_planar_roi_measurement_groups()  # what OHIF draws: an outline per segment
+    planar = sr.content.get_image_measurement_groups()  # TID 1501, what OHIF draws: an outline per segment
     assert len(planar) == 3
     for group in planar:
-        assert group.roi is not None and group.roi.ContentSequence[0].ReferencedSOPSequence[0] \
-            .ReferencedSOPInstanceUID in sources
-        assert [m.name.meaning for m in group.get_measurements()] == ["Area"]
+        (area,) = group.get_measurements()
+        assert area.name.meaning == "Area"
+        (outline,) = area.referenced_coordinates  # the area is inferred from a POLYLINE on a source image
+        assert outline.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sources
     store = portico.store()
     try:
         measurements = store.results()[0].detail.get("measurements") or store.results()[1].detail["measurements"]
