@@ -114,7 +114,9 @@ def test_kill_mid_study_then_restart_completes_once(
         # every acknowledged instance survived the kill, byte for byte readable
         for path in store.instances_dir.rglob("*.dcm"):
             pydicom.dcmread(path, stop_before_pixels=True)
-        assert store.instance_count() == acknowledged
+        # and the one in flight when it died may be back too: its file was fsync'd before its row, and the
+        # restart re-indexes files the index lost (it was never acknowledged, so the sender sends it again)
+        assert acknowledged <= store.instance_count() <= acknowledged + 1
     finally:
         store.close()
     # the PACS sends the whole study again (as a PACS retry would); duplicates are idempotent
