@@ -9,6 +9,8 @@ STOW-RS senders' address allow-lists (which read the client address) would mean 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -135,6 +137,37 @@ def _context_factory(context: ssl.SSLContext) -> Callable[[uvicorn.Config, Calla
     return factory
 
 
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, waking once a second at rest instead of ten times.
+
+    uvicorn's ``main_loop`` sleeps 0.1 s between ``on_tick`` calls only to notice ``should_exit``; here it
+    waits up to a second for :meth:`wake` (called by :meth:`ApiServer.stop`), so stopping stays immediate.
+    ``on_tick`` is called with a counter that steps by ten, so it still refreshes the Date header each
+    second. ``main_loop`` and ``on_tick`` are uvicorn's own (0.47+); test_api_server_idle.py
+    notices when they change.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            counter = (counter + 10) % 864000
+            should_exit = await self.on_tick(counter)
+
+    def wake(self) -> None:
+        """Make the main loop look at ``should_exit`` now (from any thread)."""
+        loop, event = self._loop, self._wake
+        if loop is not None and event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(event.set)
+
+
 class ApiServer:
     """Serve ``app`` on ``settings.api.host``:``settings.api.port`` (default loopback only).
 
@@ -158,7 +191,7 @@ class ApiServer:
             forwarded_allow_ips=list(api.proxy_addresses) if api.behind_tls_proxy else [],
             ssl_context_factory=_context_factory(context) if context is not None else None,
         )
-        self._server = uvicorn.Server(self._config)
+        self._server = QuietServer(self._config)
         access = logging.getLogger("uvicorn.access")
         if not any(isinstance(f, ShortUidsInAccessLog) for f in access.filters):
             access.addFilter(ShortUidsInAccessLog())
@@ -200,6 +233,7 @@ class ApiServer:
         if self._thread is None:
             return
         self._server.should_exit = True
+        self._server.wake()
         self._thread.join(timeout=STOP_TIMEOUT)
         if self._thread.is_alive():
             self._server.force_exit = True

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 KEEP_DONE_SECONDS = 24 * 3600
 
 
+#: how long the thread sleeps when no collector is configured (it only logs the chain's anchor then)
+IDLE_SECONDS = 30.0
+
+
 class AuditForwarder:
     """Start with :meth:`start`, stop with :meth:`stop`; one thread in between."""
 
@@ -119,8 +123,8 @@ class AuditForwarder:
             except Exception:  # keep forwarding; the error is in the log
                 log.exception("ATNA forwarder error")
                 more = False
-            if not more:
-                self._stop.wait(self.poll_seconds)
+            if not more:  # without a collector only the anchor is kept, every anchor_minutes
+                self._stop.wait(self.poll_seconds if self.syslog is not None else IDLE_SECONDS)
 
     # ---- one step --------------------------------------------------------------------------------
 

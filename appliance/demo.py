@@ -97,6 +97,11 @@ class PorticoProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit (after a signal sent to it); its exit status."""
+        assert self._proc is not None
+        return self._proc.wait(timeout=timeout)
+
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self._proc is not None and self._proc.poll() is None:

@@ -62,6 +62,10 @@ class OrthancStandIn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = json.loads(TEMPLATE.read_text(encoding="utf-8"))
         storage = self.workdir / "db"
