@@ -139,7 +139,7 @@ class HandOff:
         no_match = None if routes else no_match_detail(explain(self.rules, headers))
         ids = self.store.record_routes(run, [(r.rule, r.model, r.model_version, r.series_uid,
                                               content_key(members[r.series_uid])) for r in routes],
-                                       no_match=no_match)
+                                       no_match=no_match, priorities={r.rule: r.priority for r in routes})
         log.info("study %s run %d: %d job(s) %s", short(run.study_uid), run.version, len(ids),
                  [r.model for r in routes] or "(no rule matched)")
 

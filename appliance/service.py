@@ -32,7 +32,8 @@ from dicom_router.edge import RefusalCount
 from dicom_router.rules import load_rules
 from dicom_router.scp import StorageSCP
 from fl_client.errors import BoxError, NotEnrolledError
-from inference.runtime.onnxruntime import SessionCache
+from inference.runtime.onnxruntime import SessionCache, available_providers
+from inference.runtime.workers import plan as worker_plan
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,11 @@ class Service:
         self.store = Store.from_settings(settings, min_free_mb=settings.storage.min_free_mb)
         self.rules = load_rules(settings.rules_path)
         self.registry = ModelRegistry.from_settings(settings, audit=self.store.record)
+        inference = settings.inference
+        self.workers = worker_plan(inference.workers, inference.intra_op_threads, inference.providers,
+                                   available_providers())
         self.sessions = SessionCache(settings.inference.max_sessions, settings.inference.session_memory_mb * 2**20,
-                                     intra_op_threads=settings.inference.intra_op_threads,
+                                     intra_op_threads=self.workers.intra_op_threads,
                                      cpu_memory_arena=settings.inference.cpu_memory_arena)
         self.metrics = Metrics()
         destinations = [d.name for d in settings.dispatch.destinations]
@@ -112,7 +116,8 @@ class Service:
             self.scp.start()
             self._spawn("handoff", self._handoff_loop)
         if Role.WORK in self.roles:
-            for n in range(self.settings.inference.workers):
+            log.info("%d inference worker(s): %s", self.workers.workers, self.workers.reason)
+            for n in range(self.workers.workers):
                 self._spawn(f"jobs-{n}", self._job_loop)
             self._spawn("leases", self._lease_loop)
         if Role.DISPATCH in self.roles:

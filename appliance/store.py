@@ -358,7 +358,7 @@ class Store:
             return instances.count(tx, study_uid)
 
     def record_routes(self, run: Run, routes: list[tuple[str, str, str | None, str, str]], *,
-                      no_match: dict[str, Any] | None = None) -> list[int]:
+                      no_match: dict[str, Any] | None = None, priorities: dict[str, int] | None = None) -> list[int]:
         """Create one PENDING job per (rule, model, model_version, series_uid, content_key); mark the run routed.
 
         With no route, the ``no_match`` audit row carries ``no_match`` too: the series considered and
@@ -366,6 +366,7 @@ class Store:
 
         A route whose series content (``content_key``) an earlier run of the same rule already covers
         adds no job: a late instance elsewhere in the study does not redo an unchanged series.
+        ``priorities`` (by rule) order the queue: higher first, then oldest.
         """
         now = time.time()
         ids: list[int] = []
@@ -378,7 +379,7 @@ class Store:
                                                         "unchanged_since_job": earlier}))
                     continue
                 job_id = jobs.add(tx, run.study_uid, run.version, rule, model, model_version, series_uid,
-                                  content_key, now)
+                                  content_key, now, priority=(priorities or {}).get(rule, 0))
                 if job_id is not None:
                     ids.append(job_id)
                     tx.notify(JOBS)

@@ -159,10 +159,14 @@ class Rule(BaseModel):
     study: dict[Keyword, Condition] = Field(default_factory=dict)
     series: dict[Keyword, Condition] = Field(default_factory=dict)
     select: Select = Select.MOST_INSTANCES
+    #: when a queue forms, jobs of a higher priority run first (equal: oldest first)
+    priority: Annotated[int, Field(ge=-100, le=100)] = 0
 
     def describe(self) -> str:
         """One line for ``portico rules check``."""
         version = f"@{self.model_version}" if self.model_version else ""
+        if self.priority:
+            version += f" (priority {self.priority})"
         conditions = [f"study.{k} {_describe(c)}" for k, c in self.study.items()]
         conditions += [f"{k} {_describe(c)}" for k, c in self.series.items()]
         where = "; ".join(conditions) if conditions else "every series"
@@ -191,6 +195,7 @@ class Route(NamedTuple):
     model: str
     model_version: str | None
     series_uid: str
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,7 @@ class RuleSet(BaseModel):
             if rule.select is Select.MOST_INSTANCES:
                 # max() keeps the first of equals, so ties go to the earlier series
                 chosen = max(candidates, key=lambda s: s.instance_count)
-            routes.append(Route(rule.name, rule.model, rule.model_version, chosen.series_uid))
+            routes.append(Route(rule.name, rule.model, rule.model_version, chosen.series_uid, rule.priority))
         return routes
 
     def explain(self, study: StudyHeaders) -> list[RuleVerdict]:

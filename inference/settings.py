@@ -37,7 +37,10 @@ class InferenceSettings(BaseModel):
     uid_root: str = Field(default="1.2.826.0.1.3680043.8.498.", pattern=r"^[0-9]+(\.[0-9]+)*\.$",
                           max_length=40)
     device: DeviceIdentity = DeviceIdentity()
-    workers: Annotated[int, Field(ge=1, le=16)] = 1
+    #: inference workers in this process; ``None`` (the default): sized to the machine
+    #: (:mod:`inference.runtime.workers`: one per GPU, else two on CPU with the cores split between them)
+    workers: Annotated[int | None, Field(ge=1, le=16)] = None
+    #: ONNX Runtime intra-op threads per model session; 0: ONNX Runtime's choice (or the split above)
     intra_op_threads: Annotated[int, Field(ge=0)] = 0
     #: loaded models kept for the next job, least recently used out
     max_sessions: Annotated[int, Field(ge=1, le=64)] = 4

@@ -80,19 +80,19 @@ def covering(tx: Tx, study_uid: str, rule: str, series_uid: str, content_key: st
 
 
 def add(tx: Tx, study_uid: str, run_version: int, rule: str, model: str, model_version: str | None,
-        series_uid: str, content_key: str, now: float) -> int | None:
+        series_uid: str, content_key: str, now: float, *, priority: int = 0) -> int | None:
     """A PENDING job; ``None`` when the run already has one for ``rule``."""
     return tx.insert("INSERT INTO jobs (study_uid, run_version, rule, model, model_version, series_uid, content_key, "
-                     "state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                     "state, created, updated, priority) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                      "ON CONFLICT (study_uid, run_version, rule) DO NOTHING",
                      (study_uid, run_version, rule, model, model_version, series_uid, content_key, JobState.PENDING,
-                      now, now))
+                      now, now, priority))
 
 
 def claim(tx: Tx, owner: str, lease_seconds: float, now: float) -> Job | None:
-    """The oldest due PENDING job, now RUNNING under ``owner``'s lease."""
-    row = tx.one(f"SELECT id FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT 1{tx.skip_locked}",
-                 (JobState.PENDING, now))
+    """The due PENDING job of the highest priority (the oldest of those), now RUNNING under ``owner``'s lease."""
+    row = tx.one(f"SELECT id FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY priority DESC, id LIMIT 1"
+                 f"{tx.skip_locked}", (JobState.PENDING, now))
     if row is None:
         return None
     tx.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ?, lease_owner = ?, lease_expires = ?, "

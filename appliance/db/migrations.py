@@ -17,7 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.db import m0001_baseline, m0002_job_leases, m0003_received_index
+from appliance.db import (
+    m0001_baseline,
+    m0002_job_leases,
+    m0003_received_index,
+    m0004_destination_pauses,
+    m0005_job_priority,
+)
 from appliance.db.backup import backup_sqlite
 from appliance.db.engine import Database, SQLiteDatabase, Tx
 
@@ -35,6 +41,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, m0001_baseline.NAME, m0001_baseline.apply),
     Migration(2, m0002_job_leases.NAME, m0002_job_leases.apply),
     Migration(3, m0003_received_index.NAME, m0003_received_index.apply),
+    Migration(4, m0004_destination_pauses.NAME, m0004_destination_pauses.apply),
+    Migration(5, m0005_job_priority.NAME, m0005_job_priority.apply),
 )
 #: the version this code expects
 LATEST = MIGRATIONS[-1].version

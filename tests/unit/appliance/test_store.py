@@ -334,3 +334,17 @@ def test_a_commit_in_another_process_wakes_a_postgresql_listener(tmp_path: Path,
     finally:
         here.close()
         there.close()
+
+
+def test_when_a_queue_forms_a_higher_priority_runs_first(store: Store) -> None:
+    ids = []
+    for n, (study, priority) in enumerate((("1.2.3.10", 0), ("1.2.3.11", 5), ("1.2.3.12", 0))):
+        store.store(ReceivedInstance("1.2.840.10008.5.1.4.1.1.2", f"{study}.1.{n}", study, f"{study}.1",
+                                     "1.2.840.10008.1.2.1", "PACS", "127.0.0.1", b"DICM" + bytes([n])))
+        run = store.hand_off(study, "count")
+        assert run is not None
+        ids += store.record_routes(run, [("r", "m", None, f"{study}.1", "k")], priorities={"r": priority})
+    order = []
+    while (job := store.claim_job()) is not None:
+        order.append(job.id)
+    assert order == [ids[1], ids[0], ids[2]]  # the urgent one, then oldest first

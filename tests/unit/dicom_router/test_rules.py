@@ -219,3 +219,12 @@ def test_main_check_reports_ok_summary_or_errors(tmp_path: Path) -> None:
     assert main_check(write(tmp_path, "rules:\n  - name: r\n"), out, err) == 1
     assert "model: Field required" in err.getvalue()
     assert out.getvalue() == ""
+
+
+def test_a_rule_priority_is_bounded_and_reaches_its_routes() -> None:
+    from dicom_router.rules import Rule
+
+    rule = Rule.model_validate({"name": "urgent", "model": "m", "priority": 10})
+    assert rule.priority == 10 and "(priority 10)" in rule.describe()
+    with pytest.raises(ValueError):
+        Rule.model_validate({"name": "too", "model": "m", "priority": 1000})
