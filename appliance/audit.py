@@ -74,6 +74,10 @@ class AuditEvent(StrEnum):
     JOB_RETRIED = "job_retried"
     #: an operator queued a study's results again for a destination (detail: items per destination)
     RESULTS_RESENT = "results_resent"
+    #: an operator paused a destination: nothing is sent to it until resumed (detail: reason, items waiting)
+    DESTINATION_PAUSED = "destination_paused"
+    #: an operator resumed a paused destination (detail: who paused it, when and why)
+    DESTINATION_RESUMED = "destination_resumed"
 
 
 @dataclass(frozen=True)

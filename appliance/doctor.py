@@ -227,11 +227,12 @@ def check_peers(settings: Settings, echo: Echo, timeout: float = 5.0) -> list[Fi
                                     "the log above names the reason"))
     for destination in settings.dispatch.destinations:
         if isinstance(destination, StowDestination):
-            findings.append(_tcp(destination, timeout))
+            findings.append(stow_reachable(destination, timeout))
     return findings
 
 
-def _tcp(destination: StowDestination, timeout: float) -> Finding:
+def stow_reachable(destination: StowDestination, timeout: float) -> Finding:
+    """Whether a STOW-RS destination's server accepts a TCP connection (no request is sent)."""
     parts = urlsplit(destination.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)

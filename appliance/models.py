@@ -42,8 +42,10 @@ from inference.packages import (
     copy_package,
     load_package,
     read_manifest,
+    sha256_file,
     version_key,
 )
+from inference.signing import SIGNATURE_NAME, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,37 @@ class VersionStatus:
     recorded: bool
     #: ``None`` when recorded but no longer installed
     installed: Installed | None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Where a package's signature stands, from its manifest and signature alone (no file is hashed).
+
+    ``state``: ``verified`` (by a trusted key, ``signed_by`` its fingerprint), ``invalid`` (it does not
+    verify: the package is refused), ``unchecked`` (signed, but no trusted keys are configured), or
+    ``unsigned`` (refused when signatures are required). The signature covers the manifest, which lists
+    every file's sha256: those are checked whenever the package is loaded to run.
+    """
+
+    state: str
+    signed_by: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A package's model card as text (Markdown, never rendered as HTML here)."""
+
+    file: str
+    text: str
+    #: the file matches the sha256 the manifest lists for it
+    intact: bool
+    #: only the first :data:`MAX_CARD_BYTES` are given
+    truncated: bool
+
+
+#: the most of a model card that is read
+MAX_CARD_BYTES = 256 * 1024
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -166,6 +199,42 @@ class ModelRegistry:
     def load(self, folder: Path) -> ModelPackage:
         """Fully verify the package in ``folder`` with this registry's signature policy (uncached)."""
         return load_package(folder, self.trusted_keys, self.require_signature)
+
+    def signature(self, installed: Installed) -> Signature:
+        """Whether ``installed``'s signature verifies with the trusted keys (cheap: the manifest's bytes only)."""
+        path = installed.folder / SIGNATURE_NAME
+        if not path.is_file() or path.is_symlink():
+            required = " and signatures are required: it will not run" if self.require_signature else ""
+            return Signature("unsigned", None, f"no {SIGNATURE_NAME}{required}")
+        if not self.trusted_keys:
+            return Signature("unchecked", None, "signed, but no trusted keys are configured to check it")
+        try:
+            signed_by = verify_manifest((installed.folder / MANIFEST_NAME).read_bytes(), path.read_bytes(),
+                                        self.trusted_keys)
+        except (PackageError, OSError, ValueError) as exc:
+            return Signature("invalid", None, str(exc))
+        return Signature("verified", signed_by, "signed by a trusted key")
+
+    def model_card(self, installed: Installed) -> ModelCard:
+        """The first :data:`MAX_CARD_BYTES` of the package's model card, and whether it is the file signed for.
+
+        Raises
+        ------
+        PackageError
+            When the card cannot be read.
+        """
+        name = installed.manifest.model_card
+        path = installed.folder / name
+        if path.is_symlink() or not path.is_file():
+            raise PackageError(f"{installed.ref}: its model card {name} is missing")
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_CARD_BYTES + 1)
+            intact = sha256_file(path) == installed.manifest.files.get(name)
+        except OSError as exc:
+            raise PackageError(f"{installed.ref}: cannot read its model card ({exc.strerror})") from exc
+        return ModelCard(name, data[:MAX_CARD_BYTES].decode("utf-8", errors="replace"), intact,
+                         len(data) > MAX_CARD_BYTES)
 
     # ---- what runs ---------------------------------------------------------------------------
 

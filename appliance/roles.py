@@ -11,8 +11,8 @@ role                      permissions
 ``reviewer``              viewer + ``review.decide``
 ``model-admin``           viewer + ``models.manage``
 ``fl-approver``           viewer + ``fl.decide``
-``admin``                 every permission (+ ``audit.read``, ``jobs.manage``, ``users.manage``,
-                          ``settings.manage``)
+``admin``                 every permission (+ ``audit.read``, ``jobs.manage``,
+                          ``destinations.manage``, ``users.manage``, ``settings.manage``)
 ========================  ==============================================================
 """
 
@@ -41,6 +41,8 @@ class Permission(StrEnum):
     AUDIT_READ = "audit.read"
     #: retry a failed job, send a study's results again
     JOBS_MANAGE = "jobs.manage"
+    #: pause or resume sending to a destination
+    DESTINATIONS_MANAGE = "destinations.manage"
     #: accounts, roles and tokens (today through ``portico users`` on the appliance itself)
     USERS_MANAGE = "users.manage"
     #: the appliance's configuration (today ``portico.yaml`` on the appliance itself)

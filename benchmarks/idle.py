@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance.demo import REPO, PorticoProcess, portico_config  # noqa: E402
-from appliance.demo_study import write_ct_series  # noqa: E402
-from appliance.pacs_standin import OrthancStandIn  # noqa: E402
-from benchmarks.markdown import run_context, write_section  # noqa: E402
-from inference.phantom import make_phantom  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from appliance.demo import REPO, PorticoProcess, portico_config
+from appliance.demo_study import write_ct_series
+from appliance.pacs_standin import OrthancStandIn
+from benchmarks.markdown import run_context, write_section
+from inference.phantom import make_phantom
+from tests.support.net import free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["storescu", "-aet", "ORTHANC", "-aec", "PORTICO", "127.0.0.1", str(portico_port),
                             *map(str, study.paths)], check=True, env={**os.environ, "TCP_NODELAY": "1"},
                            capture_output=True, timeout=120)
-            time.sleep(15.0)  # let the study go through and everything settle: then idle is idle  # noqa
+            time.sleep(15.0)  # let the study go through and everything settle: then idle is idle
             pids = {"portico": portico.pid, "orthanc": orthanc.pid}
             before = {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
             t0 = time.monotonic()
-            time.sleep(args.seconds)  # the measurement window itself  # noqa
+            time.sleep(args.seconds)  # the measurement window itself
             window = time.monotonic() - t0
             result = {name: {"cpu_percent": round(100 * (cpu_seconds(pid) - before[name]) / window, 2),
                              "rss_mb": round(rss_mb(pid), 1)} for name, pid in pids.items() if pid}
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         ctx = run_context(load)
         pc, oc = result["portico"], result["orthanc"]
+        cpu_ratio = pc["cpu_percent"] / max(oc["cpu_percent"], 0.01)
+        rss_ratio = pc["rss_mb"] / max(oc["rss_mb"], 0.01)
         write_section("idle", f"""## Idle server: CPU, memory and stop time
 
 {ctx['date']}, {ctx['machine']}, load {ctx['load']}. `python -m benchmarks.idle --seconds {args.seconds:.0f}`
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 | | Portico (`serve`, API on) | Orthanc 1.10 | ratio |
 |---|---|---|---|
-| idle CPU, % of a core | {pc['cpu_percent']} | {oc['cpu_percent']} | {pc['cpu_percent'] / max(oc['cpu_percent'], 0.01):.2f}× |
-| RSS, MB | {pc['rss_mb']} | {oc['rss_mb']} | {pc['rss_mb'] / max(oc['rss_mb'], 0.01):.2f}× |
+| idle CPU, % of a core | {pc['cpu_percent']} | {oc['cpu_percent']} | {cpu_ratio:.2f}× |
+| RSS, MB | {pc['rss_mb']} | {oc['rss_mb']} | {rss_ratio:.2f}× |
 | stop after serving a study (SIGTERM → exit), s | {pc['stop_seconds']} | | |""")
     return 0
 

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
@@ -63,9 +64,22 @@ def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     return float(min(maximum, initial * (2.0 ** min(max(attempts, 0), 60))))
 
 
+class EchoResult(NamedTuple):
+    """A C-ECHO's outcome: answered with success, and in words what happened (no patient data)."""
+
+    ok: bool
+    detail: str
+
+
 def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0, *,
          tls: DicomTlsSettings | None = None, event_driven: bool = True) -> bool:
-    """C-ECHO ``destination``; true when it answers with success.
+    """C-ECHO ``destination``; true when it answers with success (:func:`echo_result` says why not)."""
+    return echo_result(destination, calling_ae, timeout, tls=tls, event_driven=event_driven).ok
+
+
+def echo_result(destination: DimseDestination, calling_ae: str, timeout: float = 10.0, *,
+                tls: DicomTlsSettings | None = None, event_driven: bool = True) -> EchoResult:
+    """C-ECHO ``destination``: whether it answers with success, and what happened in words.
 
     ``tls`` is ``router.tls``: our client certificate and CAs for a destination with ``tls: required``;
     ``event_driven`` is ``router.event_driven`` (false: pynetdicom's own reactor).
@@ -75,19 +89,20 @@ def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0, 
         tls_args = destination_tls(destination, tls)
     except TlsConfigError as exc:
         LOGGER.error("C-ECHO to %s not tried, TLS configuration: %s", destination.name, exc)
-        return False
+        return EchoResult(False, f"not tried, TLS configuration: {exc}")
     ae = _make_ae(destination.calling_ae_title or calling_ae, destination.max_pdu, timeout)
     ae.add_requested_context(Verification)
     try:
         assoc = request_association(ae, destination.host, destination.port, destination.ae_title,
                                     destination.max_pdu, tls=tls_args, event_driven=event_driven)
     except Exception as exc:
-        LOGGER.warning("C-ECHO to %s failed: %s", destination.name,
-                       describe_tls_error(exc) if tls_args else exc)
-        return False
+        why = describe_tls_error(exc) if tls_args else str(exc) or type(exc).__name__
+        LOGGER.warning("C-ECHO to %s failed: %s", destination.name, why)
+        return EchoResult(False, f"no association: {why}")
     if not assoc.is_established:
-        LOGGER.warning("C-ECHO to %s: %s", destination.name, association_failure(assoc, over_tls=tls_args is not None))
-        return False
+        why = association_failure(assoc, over_tls=tls_args is not None)
+        LOGGER.warning("C-ECHO to %s: %s", destination.name, why)
+        return EchoResult(False, str(why))
     try:
         status = assoc.send_c_echo()
     finally:
@@ -95,7 +110,10 @@ def echo(destination: DimseDestination, calling_ae: str, timeout: float = 10.0, 
             assoc.release()
     ok = bool(status) and int(status.Status) == 0x0000
     LOGGER.info("C-ECHO to %s: %s", destination.name, "ok" if ok else "failed")
-    return ok
+    if ok:
+        return EchoResult(True, "answered C-ECHO with success")
+    return EchoResult(False, f"answered C-ECHO with status 0x{int(status.Status):04X}" if status
+                      else "no answer to C-ECHO (timeout or aborted)")
 
 
 def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,

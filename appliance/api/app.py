@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
-from appliance.api import audit_search, fl, models, operations, review, signin, status, stow, studies
+from appliance.api import (
+    audit_search,
+    destinations,
+    fl,
+    models,
+    operations,
+    review,
+    rules,
+    signin,
+    status,
+    stow,
+    studies,
+)
 from appliance.api.auth import GuardMiddleware, require_declared
 from appliance.api.context import ApiContext
 from appliance.api.errors import install_error_handlers
@@ -68,6 +80,8 @@ def create_app(settings: Settings, store: Store, service: Service | None = None,
     app.include_router(audit_search.build_router(ctx))
     app.include_router(fl.build_router(ctx))
     app.include_router(models.build_router(ctx))
+    app.include_router(destinations.build_router(ctx))
+    app.include_router(rules.build_router(ctx))
     app.include_router(review.build_router(ctx))
     app.include_router(stow.build_router(ctx))
     app.include_router(web_router())

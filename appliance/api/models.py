@@ -1,4 +1,5 @@
-"""``/models``: installed model versions, and promoting, enabling or disabling one (audited)."""
+"""``/models``: installed model versions (signature, accepted inputs, model card), and promoting, enabling or
+disabling one (audited)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,32 @@ from appliance.api.auth import principal_of
 from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
 from appliance.identity import Principal
-from appliance.models import ModelRegistry, VersionStatus
+from appliance.models import ModelRegistry, Signature, VersionStatus
 from inference.errors import PackageError
 
 _REF = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
 Name = Annotated[str, Path(min_length=1, max_length=128, pattern=_REF)]
 Version = Annotated[str, Path(min_length=1, max_length=64, pattern=_REF)]
 Who = Annotated[Principal, Depends(principal_of)]
+
+
+class SignatureOut(BaseModel):
+    #: ``verified``, ``invalid``, ``unchecked`` or ``unsigned`` (:class:`appliance.models.Signature`)
+    state: str
+    signed_by: str | None
+    detail: str
+
+
+class InputOut(BaseModel):
+    """What a version accepts (its manifest's ``input``)."""
+
+    modality: str
+    body_parts: list[str]
+    orientation: str
+    spacing_mm: list[float] | None
+    min_slices: int
+    slice_spacing_mm: list[float] | None
+    pixel_spacing_mm: list[float] | None
 
 
 class ModelVersionOut(BaseModel):
@@ -32,13 +52,42 @@ class ModelVersionOut(BaseModel):
     title: str | None
     task: str | None
     package_hash: str | None
+    description: str | None = None
+    signature: SignatureOut | None = None
+    input: InputOut | None = None
+    #: the segments it outputs, by name
+    segments: list[str] = []
 
     @classmethod
-    def of(cls, s: VersionStatus) -> ModelVersionOut:
+    def of(cls, s: VersionStatus, signature: Signature | None = None) -> ModelVersionOut:
         i = s.installed
+        m = i.manifest if i else None
         return cls(name=s.name, version=s.version, role=str(s.role), enabled=s.enabled, recorded=s.recorded,
-                   installed=i is not None, title=i.manifest.title if i else None,
-                   task=str(i.manifest.task) if i else None, package_hash=i.package_hash if i else None)
+                   installed=i is not None, title=m.title if m else None,
+                   task=str(m.task) if m else None, package_hash=i.package_hash if i else None,
+                   description=m.description if m else None,
+                   signature=SignatureOut(state=signature.state, signed_by=signature.signed_by,
+                                          detail=signature.detail) if signature else None,
+                   input=InputOut(modality=m.input.modality, body_parts=list(m.input.body_parts),
+                                  orientation=m.input.orientation,
+                                  spacing_mm=list(m.input.spacing_mm) if m.input.spacing_mm else None,
+                                  min_slices=m.input.min_slices,
+                                  slice_spacing_mm=list(m.input.slice_spacing_mm) if m.input.slice_spacing_mm
+                                  else None,
+                                  pixel_spacing_mm=list(m.input.pixel_spacing_mm) if m.input.pixel_spacing_mm
+                                  else None) if m else None,
+                   segments=[seg.name for seg in m.output.segments] if m else [])
+
+
+class ModelCardOut(BaseModel):
+    name: str
+    version: str
+    file: str
+    #: Markdown, as the package holds it: show it as text, never as HTML
+    text: str
+    #: the file matches the sha256 its manifest lists
+    intact: bool
+    truncated: bool
 
 
 class Promoted(BaseModel):
@@ -73,7 +122,21 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("")
     def models() -> list[ModelVersionOut]:
-        return [ModelVersionOut.of(s) for s in ctx.registry.statuses()]
+        registry = ctx.registry
+        return [ModelVersionOut.of(s, registry.signature(s.installed) if s.installed else None)
+                for s in registry.statuses()]
+
+    @router.get("/{name}/{version}/card")
+    def card(name: Name, version: Version) -> ModelCardOut:
+        """The version's model card (Markdown as text; the first 256 KiB)."""
+        registry = ctx.registry
+        _require_installed(registry, name, version)
+        try:
+            found = registry.model_card(registry.find(name, version))
+        except PackageError as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        return ModelCardOut(name=name, version=version, file=found.file, text=found.text, intact=found.intact,
+                            truncated=found.truncated)
 
     @router.post("/{name}/{version}/promote")
     def promote(name: Name, version: Version, who: Who) -> Promoted:

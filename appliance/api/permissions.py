@@ -59,6 +59,13 @@ ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/overview"): Permission.STATUS_READ,
     ("GET", "/fl/status"): Permission.STATUS_READ,
     ("GET", "/models"): Permission.MODELS_READ,
+    ("GET", "/models/{name}/{version}/card"): Permission.MODELS_READ,
+    ("GET", "/destinations"): Permission.STATUS_READ,
+    ("GET", "/destinations/{name}/outbox"): Permission.STATUS_READ,
+    ("GET", "/rules"): Permission.STATUS_READ,
+    # reachability on demand: changes nothing here, and says nothing a status reader may not know
+    ("POST", "/destinations/{name}/echo"): Permission.STATUS_READ,
+    ("POST", "/peers/{ae_title}/echo"): Permission.STATUS_READ,
     ("GET", "/review"): Permission.REVIEW_READ,
     ("GET", "/review/{job_id}"): Permission.REVIEW_READ,
     ("GET", "/review/{job_id}/images"): Permission.REVIEW_READ,
@@ -77,6 +84,8 @@ ROUTE_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/fl/jobs/{job_id}/reject"): Permission.FL_DECIDE,
     ("POST", "/jobs/{job_id}/retry"): Permission.JOBS_MANAGE,
     ("POST", "/studies/{study_uid}/resend"): Permission.JOBS_MANAGE,
+    ("POST", "/destinations/{name}/pause"): Permission.DESTINATIONS_MANAGE,
+    ("POST", "/destinations/{name}/resume"): Permission.DESTINATIONS_MANAGE,
     # DICOMweb ingest
     ("POST", "/dicom-web/studies"): Open.STOW_SENDER,
     ("POST", "/dicom-web/studies/{study_uid}"): Open.STOW_SENDER,

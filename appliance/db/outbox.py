@@ -29,9 +29,14 @@ def add(tx: Tx, job_id: int, destination: str, sop_instance_uid: str, sop_class_
     return cur.rowcount > 0
 
 
+#: leaves out the items of destinations an operator paused (:mod:`appliance.db.destinations`)
+_NOT_PAUSED = "destination NOT IN (SELECT destination FROM destination_pauses)"
+
+
 def due(tx: Tx, limit: int, now: float) -> list[OutboxItem]:
-    rows = tx.execute("SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                      (OutboxState.PENDING, now, limit))
+    """PENDING items whose time has come, oldest first; none for a paused destination."""
+    rows = tx.execute(f"SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? AND {_NOT_PAUSED} "
+                      "ORDER BY id LIMIT ?", (OutboxState.PENDING, now, limit))
     return [OutboxItem(r["id"], r["destination"], Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"],
                        r["attempts"]) for r in rows]
 
@@ -166,6 +171,31 @@ def depth_by_destination(tx: Tx) -> dict[str, dict[str, Any]]:
 
 
 def next_due(tx: Tx) -> float | None:
-    """When the next PENDING item is due (``None``: nothing waits to be sent)."""
-    at = tx.scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE state = ?", (OutboxState.PENDING,))
+    """When the next PENDING item is due (``None``: nothing waits to be sent, or only for paused destinations)."""
+    at = tx.scalar(f"SELECT MIN(next_attempt_at) FROM outbox WHERE state = ? AND {_NOT_PAUSED}",
+                   (OutboxState.PENDING,))
     return None if at is None else float(at)
+
+
+def last_sent(tx: Tx) -> dict[str, float]:
+    """Per destination: when an item was last sent to it (a resent item keeps its earlier time until sent again)."""
+    return {str(r["destination"]): float(r["at"]) for r in tx.execute(
+        "SELECT destination, MAX(sent_at) AS at FROM outbox WHERE sent_at IS NOT NULL GROUP BY destination")}
+
+
+def of_destination(tx: Tx, destination: str, state: OutboxState | None, limit: int, offset: int
+                   ) -> tuple[int, list[dict[str, Any]]]:
+    """A page of ``destination``'s outbox rows (in ``state``, or any), newest first, with their study; and the total.
+
+    No file paths: UIDs, states, attempts, times and the value-free last error.
+    """
+    where, params = "o.destination = ?", [destination]
+    if state is not None:
+        where += " AND o.state = ?"
+        params.append(state)
+    total = int(tx.scalar(f"SELECT COUNT(*) FROM outbox o WHERE {where}", params))
+    rows = tx.execute(
+        "SELECT o.id, o.job_id, j.study_uid, o.sop_instance_uid, o.sop_class_uid, o.state, o.attempts, "
+        "o.next_attempt_at, o.last_error, o.created, o.sent_at FROM outbox o JOIN jobs j ON j.id = o.job_id "
+        f"WHERE {where} ORDER BY o.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+    return total, [dict(r) for r in rows]

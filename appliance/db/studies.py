@@ -209,3 +209,9 @@ def runs_of(tx: Tx, study_uid: str) -> list[Run]:
 def first_received_since(tx: Tx, since: float) -> list[float]:
     """When each study first received since ``since`` arrived (one value per study: a small table)."""
     return [float(r[0]) for r in tx.all("SELECT first_received FROM studies WHERE first_received >= ?", (since,))]
+
+
+def last_received_by_sender(tx: Tx) -> dict[str, dict[str, Any]]:
+    """Per sending AE title: how many studies it sent and when it last sent an instance."""
+    return {str(r["calling_ae"]): {"studies": int(r["n"]), "last_received": float(r["at"])} for r in tx.all(
+        "SELECT calling_ae, COUNT(*) AS n, MAX(last_received) AS at FROM studies GROUP BY calling_ae")}

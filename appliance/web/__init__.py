@@ -28,6 +28,9 @@ ASSETS = {
     "overview.js": "text/javascript; charset=utf-8",
     "studies.js": "text/javascript; charset=utf-8",
     "audit.js": "text/javascript; charset=utf-8",
+    "destinations.js": "text/javascript; charset=utf-8",
+    "models.js": "text/javascript; charset=utf-8",
+    "rules.js": "text/javascript; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "

@@ -605,11 +605,58 @@
 
   $("routing-form").addEventListener("submit", explainRouting);
 
+  // A confirmation before a change: resolves to the reason given (or "" when none is asked), or null when
+  // cancelled (Cancel, Escape). Keyboard: the dialog is modal, focus starts in it and returns afterwards.
+  function confirmChange(options) {
+    const dialog = $("confirm-dialog");
+    const reason = $("confirm-reason");
+    const back = document.activeElement;
+    $("confirm-title").textContent = options.title;
+    $("confirm-text").textContent = options.text;
+    $("confirm-ok").textContent = options.confirm;
+    $("confirm-reason-box").hidden = !options.reason;
+    reason.value = "";
+    return new Promise((resolve) => {
+      function done(value) {
+        $("confirm-form").removeEventListener("submit", onSubmit);
+        $("confirm-cancel").removeEventListener("click", onCancel);
+        dialog.removeEventListener("cancel", onCancel);
+        if (dialog.open) {
+          dialog.close();
+        }
+        if (back && back.isConnected) {
+          back.focus();
+        }
+        resolve(value);
+      }
+      function onSubmit(event) {
+        event.preventDefault();
+        const text = reason.value.trim();
+        if (options.reason && !text) {
+          reason.setAttribute("aria-invalid", "true");
+          reason.focus();
+          return;
+        }
+        reason.removeAttribute("aria-invalid");
+        done(options.reason ? text : "");
+      }
+      function onCancel(event) {
+        event.preventDefault();
+        done(null);
+      }
+      $("confirm-form").addEventListener("submit", onSubmit);
+      $("confirm-cancel").addEventListener("click", onCancel);
+      dialog.addEventListener("cancel", onCancel);
+      dialog.showModal();
+      (options.reason ? reason : $("confirm-cancel")).focus();
+    });
+  }
+
   // what the other scripts of the dashboard use (they load after this one, before the page is ready)
   window.Portico = Object.freeze({
     $: $, api: api, may: may, cell: cell, shortUid: shortUid, when: when, fillCounts: fillCounts,
     showError: showError, announce: announce, clearNotices: clearNotices, registerView: registerView,
-    show: (name) => show(name),
+    show: (name) => show(name), confirmChange: confirmChange,
   });
 
   async function onSignOut() {

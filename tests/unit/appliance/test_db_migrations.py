@@ -18,7 +18,8 @@ from appliance.store import JobState, Store
 from tests.support.legacy_schema import UNVERSIONED_SCHEMA
 
 TABLES = {"studies", "instances", "runs", "jobs", "results", "outbox", "audit", "audit_head", "atna_outbox",
-          "quarantine", "reviews", "model_versions", "users", "api_tokens", "sessions", "sign_in_failures"}
+          "quarantine", "reviews", "model_versions", "users", "api_tokens", "sessions", "sign_in_failures",
+          "destination_pauses"}
 
 
 def _tables(db: Database) -> set[str]:
