@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Browser
 from pyorthanc import Orthanc
 
 from appliance.demo import PorticoProcess, portico_config
@@ -17,6 +18,7 @@ from appliance.settings import load_settings
 from appliance.store import Store
 from tests.conftest import REPO
 from tests.support.net import free_port
+from tests.support.web import chromium
 
 
 @dataclass
@@ -46,6 +48,13 @@ class Pacs:
             if modality in ("SEG", "SR"):
                 out.setdefault(modality, []).extend(series["Instances"])
         return out
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Debian Chromium for a module's browser tests (tests.support.web)."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ appliance's origin; nothing overflows a 1366-pixel screen.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -33,11 +32,12 @@ from appliance.users import Accounts
 from dicom_router.ports import ReceivedInstance
 from inference.phantom import make_phantom
 from tests.conftest import REPO
-from tests.integration.test_web_studies import TIMEOUT_MS, shot
 from tests.support import studies as seeded
+from tests.support import web
 from tests.support.certs import Pki, make_pki
 from tests.support.net import free_port
 from tests.support.packages import make_package
+from tests.support.web import press, shot, watched_page
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +57,6 @@ class Site:
     pki: Pki
     #: a real CT study (routing reads its headers)
     ct_study: str
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed: run `make setup` (Debian package chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -131,41 +120,12 @@ def site(tmp_path: Path, echo_scp: int) -> Iterator[Site]:
 
 @pytest.fixture
 def page(browser: Browser, site: Site) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1366, "height": 768})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error" and not message.text.startswith("Failed to load resource"):
-            problems.append(f"console {message.type}: {message.text}")
-
-    def on_request(request: Request) -> None:
-        if not request.url.startswith(site.url + "/"):
-            problems.append(f"request to another origin: {request.url}")
-
-    page.on("console", on_console)
-    page.on("request", on_request)
-    yield page
-    context.close()
-    assert problems == []  # no script errors, nothing the CSP blocked, nothing fetched from elsewhere
+    with watched_page(browser, site.url) as page:
+        yield page
 
 
 def sign_in(page: Page, url: str, user: str) -> None:
-    page.goto(url + "/ui/")
-    page.get_by_label("User name").fill(user)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#who")).to_contain_text(f"Signed in as {user}")
-
-
-def press(scope: Page | Locator, name: str) -> None:
-    """Reach a button by keyboard focus and press Enter on it."""
-    button = scope.get_by_role("button", name=name, exact=True)
-    button.focus()
-    expect(button).to_be_focused()
-    button.press("Enter")
+    web.sign_in(page, url, user, PASSWORD)
 
 
 def events(site: Site, *names: str) -> list[dict[str, object]]:

@@ -10,7 +10,6 @@ and no data, and repeated ones the lockout.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import NDArray
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from appliance.api.app import create_app
 from appliance.api_server import ApiServer
@@ -82,17 +81,6 @@ def seed(store: Store, settings: Settings) -> list[int]:
             r.path.write_bytes(b"DICM")
         store.complete_job(job, results, ["pacs"], "CPUExecutionProvider", "abc", {}, hold=reviews.hold_for(job))
     return ids
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed: run `make setup` (Debian package chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

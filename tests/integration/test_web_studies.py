@@ -11,18 +11,13 @@ stays under the page-weight budget (300 KB).
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from appliance.api.app import create_app
 from appliance.api_server import ApiServer
@@ -35,7 +30,9 @@ from dicom_router.ports import ReceivedInstance
 from inference.phantom import make_phantom
 from tests.conftest import REPO
 from tests.support import studies as seeded
+from tests.support import web
 from tests.support.net import free_port
+from tests.support.web import TIMEOUT_MS, press, shot, watched_page
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +40,6 @@ ADMIN = "ada.admin"
 VIEWER = "victor.viewer"
 REVIEWER = "rita.reviewer"
 PASSWORD = "studies dashboard passphrase"
-TIMEOUT_MS = 15_000
-ARTIFACTS = Path(os.environ.get("PORTICO_TEST_ARTIFACTS", REPO / "var" / "test-artifacts"))
 
 
 @dataclass
@@ -56,15 +51,14 @@ class Site:
     job: int
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.fail("Chromium is not installed: run `make setup` (Debian package chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
+@pytest.fixture
+def page(browser: Browser, site: Site) -> Iterator[Page]:
+    with watched_page(browser, site.url, downloads=True) as page:
+        yield page
+
+
+def sign_in(page: Page, url: str, user: str) -> None:
+    web.sign_in(page, url, user, PASSWORD)
 
 
 def failed_ct_study(store: Store, tmp_path: Path) -> tuple[str, int]:
@@ -112,56 +106,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
     finally:
         server.stop()
         store.close()
-
-
-@pytest.fixture
-def page(browser: Browser, site: Site) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1366, "height": 768}, accept_downloads=True)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(message: ConsoleMessage) -> None:
-        # the browser logs each refused API call (403, 409); those are the tests' point, not problems
-        if message.type == "error" and not message.text.startswith("Failed to load resource"):
-            problems.append(f"console {message.type}: {message.text}")
-
-    def on_request(request: Request) -> None:
-        if not request.url.startswith(site.url + "/"):
-            problems.append(f"request to another origin: {request.url}")
-
-    page.on("console", on_console)
-    page.on("request", on_request)
-    yield page
-    context.close()
-    assert problems == []  # no script errors, nothing the CSP blocked, nothing fetched from elsewhere
-
-
-def sign_in(page: Page, url: str, user: str) -> None:
-    page.goto(url + "/ui/")
-    page.get_by_label("User name").fill(user)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#who")).to_contain_text(f"Signed in as {user}")
-
-
-def press(page: Page, name: str) -> None:
-    """Reach a button by keyboard focus and press Enter on it."""
-    button = page.get_by_role("button", name=name, exact=True)
-    button.focus()
-    expect(button).to_be_focused()
-    page.keyboard.press("Enter")
-
-
-def shot(page: Page, name: str) -> None:
-    """Save the page as a test artifact; it must not be blank and must fit a 1366-pixel-wide screen."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    pixels = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("L"), dtype=float)
-    assert pixels.std() > 10 and len(np.unique(pixels)) > 20, name  # text, tables, the blue bar
-    assert page.evaluate("document.documentElement.scrollWidth") <= 1366, name
 
 
 def test_an_admin_finds_a_failed_study_by_keyboard_retries_its_job_and_resends_results(site: Site,
