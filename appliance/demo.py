@@ -194,6 +194,9 @@ class Demo:
             "explorer": f"{self.orthanc.url}/app/explorer.html#study?uuid={orthanc_study}",
             **({"ohif": self.ohif.viewer_url(study.study_instance_uid, self._series_uid(found["SEG"]))}
                if self.ohif is not None and "SEG" in found else {}),
+            # with the SR in the viewport OHIF loads its measurements into its panel (appliance.viewer)
+            **({"ohif_measurements": self.ohif.viewer_url(study.study_instance_uid, self._series_uid(found["SR"]))}
+               if self.ohif is not None and "SR" in found else {}),
             "log": str(self.portico.log_path),
             **({"failure": failure} if failure is not None and len(found) < 2 else {}),
             **self._portico_facts(study.study_instance_uid),
@@ -301,5 +304,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"see it           {report['explorer']}")
     lines.append(f"see it in OHIF   {report['ohif']}" if report.get("ohif") else
                  "see it in OHIF   (run `make ohif` once: it fetches the pinned viewer build)")
+    if report.get("ohif_measurements"):
+        lines.append(f"measurements     {report['ohif_measurements']}")
     lines += [f"log              {report['log']}", ""]
     return "\n".join(lines) + "\n"
