@@ -18,6 +18,7 @@ from appliance.review import Reviews
 from appliance.settings import Settings
 from appliance.store import LEASE_SECONDS, Job, LeaseLost, ResultFile, Store, worker_name
 from inference.errors import InferenceError, PackageError, ResultEncodingError, SeriesError, describe
+from inference.memory import release_memory, tune_allocator
 from inference.packages import ModelPackage
 from inference.pipeline import PipelineResult, run_segmentation
 from inference.results.summary import build_summary
@@ -43,6 +44,7 @@ class JobRunner:
         #: this runner as a lease owner (several runners in one process each hold their own jobs' leases)
         self.owner = worker_name()
         self.lease_seconds = lease_seconds
+        tune_allocator()  # so that release_memory() can hand each job's memory back (inference.memory)
 
     def run_next(self) -> Job | None:
         """Run the next due job, if any; never raises for a job's own failure."""
@@ -74,6 +76,8 @@ class JobRunner:
             self._retry_or_fail(job, error, "unexpected")
         else:
             self._finished("done", time.perf_counter() - started, timings)
+        # the job's volume, label map and objects are gone now; give their pages back (glibc keeps them)
+        release_memory()
         return job
 
     def _claimed(self, job: Job) -> None:

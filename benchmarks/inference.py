@@ -10,7 +10,8 @@ Overhead = end to end minus the ORT calls, as a share of end to end (target ≤ 
 Peer, same run: our :func:`inference.results.seg.build_seg` against a plain highdicom
 ``Segmentation`` call on the same label map (label-map input, as we use), and against the
 stacked boolean masks a naive caller would pass. Memory: a fresh subprocess runs the pipeline on a
-600-slice CT and reports its peak RSS (VmHWM; target < 2 GB). Also timed, outside the end to end:
+600-slice CT and reports its peak RSS (VmHWM; target ≤ 1 GB, issue #14; ``benchmarks/memory.py`` has
+the whole job, the memory left after it and a soak). Also timed, outside the end to end:
 writing the SEG and SR to bytes, and the opt-in Secondary Capture summary (reload + read the SEG
 back + render 3 key images) as the job runner does it.
 
@@ -282,13 +283,14 @@ def report(args: argparse.Namespace, runs: list[dict[str, float]], peers: list[d
         ratio = statistics.median(o / v for o, v in zip(ours, values, strict=True))
         lines.append(f"| {label} | {med(values)} | {ratio:.2f}× |")
     if rss is not None:
-        verdict = "meets" if rss["peak_mb"] < 2048 else "misses"
+        verdict = "meets" if rss["peak_mb"] <= 1024 else "misses"
         lines += [
             "",
             f"Peak memory, {args.rss_slices}-slice 512×512 CT (the 300-slice phantom and its mirror image), "
             f"whole `run_segmentation` in a fresh process: **{rss['peak_mb']:.0f} MB** VmHWM ({verdict} the "
-            f"< 2 GB target); {rss['baseline_mb']:.0f} MB resident after imports and session load; the "
-            f"float32 volume alone is {args.rss_slices * 512 * 512 * 4 / 2**20:.0f} MB; run "
+            f"≤ 1 GB target); {rss['baseline_mb']:.0f} MB resident after imports and session load; the "
+            f"volume alone is {args.rss_slices * 512 * 512 * 2 / 2**20:.0f} MB (int16: CT values are "
+            f"integers), was {args.rss_slices * 512 * 512 * 4 / 2**20:.0f} MB in float32; run "
             f"{rss['seconds']:.1f} s, SEG with {rss['frames']:.0f} frames.",
         ]
     return "\n".join(lines)

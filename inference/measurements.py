@@ -94,7 +94,7 @@ def measure(labels: NDArray[np.integer] | NDArray[np.bool_], volume: Volume,
     return out
 
 
-def _statistics(hu: NDArray[np.float32], label_map: NDArray[np.uint8], label: int,
+def _statistics(hu: NDArray[np.float32] | NDArray[np.int16], label_map: NDArray[np.uint8], label: int,
                 slices: NDArray[np.intp]) -> tuple[float, float, float, float]:
     """Mean, population standard deviation, min and max of ``hu`` where ``label_map == label``.
 

@@ -15,7 +15,7 @@ from inference.accepts import check_accepts
 from inference.errors import InferenceError, ResultEncodingError, describe
 from inference.measurements import SegmentMeasurement, measure
 from inference.packages import ModelPackage, SegType
-from inference.predict import segment, segment_with_probabilities
+from inference.predict import batch_size_for, segment, segment_with_probabilities
 from inference.results.seg import build_fractional_seg, build_seg
 from inference.results.sr import build_sr
 from inference.runtime.onnxruntime import SessionCache
@@ -57,17 +57,19 @@ def run_segmentation(paths: Sequence[Path], package: ModelPackage, sessions: Ses
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume = load_series(paths)
+    volume = load_series(paths, compact=True)  # int16 where the values allow: half the memory
     check_accepts(volume, package.manifest.input)  # before the model: a refused series costs no inference
     t1 = time.perf_counter()
     timings["load"] = t1 - t0
     model = sessions.get(package, settings.providers)
     manifest = package.manifest
+    batch = batch_size_for(manifest.input.patch_size, model.provider)
     if manifest.output.seg_type == SegType.FRACTIONAL:
         labels, probabilities = segment_with_probabilities(volume.hu, volume.spacing, manifest, model,
-                                                           progress=progress)
+                                                           batch_size=batch, progress=progress)
     else:
-        labels, probabilities = segment(volume.hu, volume.spacing, manifest, model, progress=progress), None
+        labels, probabilities = segment(volume.hu, volume.spacing, manifest, model, batch_size=batch,
+                                        progress=progress), None
     t2 = time.perf_counter()
     timings["inference"] = t2 - t1
     # measurements (and the SR) always come from the label map, whichever SEG encodes the result

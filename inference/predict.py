@@ -31,15 +31,21 @@ from scipy import ndimage
 
 from inference.errors import InferenceError, SeriesError
 from inference.packages import Manifest, PostStep
-from inference.runtime.base import Runtime
+from inference.runtime.base import CPU_PROVIDER, Runtime
 
 #: components of a segment smaller than this (mm³) are removed by ``remove_small``
 REMOVE_SMALL_MM3 = 100.0
 #: slices resampled at once; bounds the temporary memory of resampling
 _CHUNK_SLICES = 16
+#: most voxels per runtime call on the CPU: ONNX Runtime's activations grow with the batch (the demo
+#: model's: ~110 MB per 512×512 slice, so 4 of them were a job's peak memory), and a CPU gains
+#: nothing from batching large patches; outputs are the same whatever the batch
+CPU_BATCH_VOXELS = 512 * 512
 _CROSS_2D = ndimage.generate_binary_structure(2, 1)
 
 Spacing = tuple[float, float, float]
+#: a volume in modality units: float32, or int16 holding the same values (a compact volume)
+Intensities = NDArray[np.floating] | NDArray[np.integer]
 Shape = tuple[int, int, int]
 
 
@@ -47,7 +53,14 @@ Shape = tuple[int, int, int]
 Progress = Callable[[int, int], None]
 
 
-def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *,
+def batch_size_for(patch: Sequence[int], provider: str, largest: int = 4) -> int:
+    """Patches per runtime call: ``largest`` on an accelerator, at most :data:`CPU_BATCH_VOXELS` on the CPU."""
+    if provider != CPU_PROVIDER:
+        return largest
+    return max(1, min(largest, CPU_BATCH_VOXELS // max(1, math.prod(int(p) for p in patch))))
+
+
+def segment(hu: Intensities, spacing: Spacing, manifest: Manifest, model: Runtime, *,
             batch_size: int = 4, progress: Progress | None = None) -> NDArray[np.uint8]:
     """Label map of ``hu`` (z, y, x) on its own grid, segment label values as in the manifest.
 
@@ -58,7 +71,7 @@ def segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model
     return labels
 
 
-def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *,
+def segment_with_probabilities(hu: Intensities, spacing: Spacing, manifest: Manifest, model: Runtime, *,
                                batch_size: int = 4,
                                progress: Progress | None = None) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """Label map of ``hu`` and the probability of each manifest segment, both on ``hu``'s grid.
@@ -71,7 +84,8 @@ def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manife
     Parameters
     ----------
     hu
-        Volume in modality units (HU for CT), axial slices along the first axis.
+        Volume in modality units (HU for CT), axial slices along the first axis; float32, or int16
+        (a compact volume) for the same result.
     spacing
         Voxel spacing (z, y, x) in mm.
     manifest
@@ -96,7 +110,7 @@ def segment_with_probabilities(hu: NDArray[np.float32], spacing: Spacing, manife
     return labels, probabilities
 
 
-def _segment(hu: NDArray[np.float32], spacing: Spacing, manifest: Manifest, model: Runtime, *, batch_size: int,
+def _segment(hu: Intensities, spacing: Spacing, manifest: Manifest, model: Runtime, *, batch_size: int,
              with_probabilities: bool,
              progress: Progress | None = None) -> tuple[NDArray[np.uint8], NDArray[np.uint8] | None]:
     if hu.ndim != 3:
@@ -176,7 +190,7 @@ def _nearest_axis(n_in: int, n_out: int) -> NDArray[np.intp]:
     return np.clip(index, 0, n_in - 1)
 
 
-def resample_linear(volume: NDArray[np.floating], shape: Shape, *,
+def resample_linear(volume: Intensities, shape: Shape, *,
                     transform: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
                     ) -> NDArray[np.float32]:
     """Trilinear resampling of ``volume`` onto ``shape`` (same extent), a few slices at a time.
@@ -259,7 +273,7 @@ def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
     return e
 
 
-def sliding_window(volume: NDArray[np.floating], patch: Sequence[int], overlap: float, model: Runtime,
+def sliding_window(volume: Intensities, patch: Sequence[int], overlap: float, model: Runtime,
                    channels: int, *,
                    transform: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
                    batch_size: int = 4, probabilities: NDArray[np.uint8] | None = None,

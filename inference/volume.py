@@ -2,7 +2,9 @@
 
 Classic one-file-per-slice series and enhanced multi-frame instances (per-frame functional groups)
 are both read. Headers are parsed first without pixel data; the geometry is checked before any pixel
-is decoded, then every slice is decoded straight into one preallocated float32 array.
+is decoded, then every slice is decoded straight into one preallocated array: float32, or with
+``compact=True`` int16 when every slice's modality values are integers that fit (CT in HU nearly
+always), half the memory for the same values.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ NON_IMAGE_SOP_CLASSES = frozenset({
 })
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "REG", "DOC"})
 
+#: a volume's voxels in modality units: float32, or int16 when loaded compact (same values). Typed
+#: loosely on purpose: readers of ``Volume.hu`` that need floats convert, as numpy does for them
+Voxels = NDArray[Any]
+#: rescale slopes and intercepts a compact volume accepts: integers this small keep the float32
+#: arithmetic of the float path exact (|stored × slope| < 2**24), so both paths give the same values
+_COMPACT_RESCALE_MAX = 2**15
+
 
 class SourceFrame(NamedTuple):
     """Where one slice of a volume came from."""
@@ -72,8 +81,9 @@ class Volume:
     ``x`` along the columns of each image.
     """
 
-    #: (z, y, x) float32 in modality units (rescale slope and intercept applied; HU for CT)
-    hu: NDArray[np.float32]
+    #: (z, y, x) in modality units (rescale slope and intercept applied; HU for CT): float32, or
+    #: int16 holding the same values when loaded with ``compact=True``
+    hu: Voxels
     #: voxel spacing (z, y, x) in mm
     spacing: tuple[float, float, float]
     #: LPS position (mm) of the centre of voxel (0, 0, 0)
@@ -132,8 +142,16 @@ class _Plane:
     intercept: float
 
 
-def load_series(paths: Sequence[Path]) -> Volume:
+class _NotCompact(Exception):
+    """A slice's modality values are not int16 integers: the volume is decoded as float32 instead."""
+
+
+def load_series(paths: Sequence[Path], *, compact: bool = False) -> Volume:
     """Read one series (any file order) into a :class:`Volume`.
+
+    With ``compact``, ``hu`` is int16 when every slice's modality values are integers in int16's
+    range (integer pixels, integer rescale slope and intercept), float32 otherwise; the values are
+    the same either way. A 600-slice 512×512 CT then takes 300 MB instead of 600.
 
     Raises
     ------
@@ -163,10 +181,18 @@ def load_series(paths: Sequence[Path]) -> Volume:
     datasets = [headers[k] for k in order]
     frames = tuple(SourceFrame(order[p.instance], p.frame) for p in planes)
 
-    hu = np.empty((len(planes), rows, cols), dtype=np.float32)
     z_of = {(p.instance, p.frame): z for z, p in enumerate(planes)}
-    for k in order:
-        _decode_into(hu, paths[k], k, headers[k], planes, z_of, (rows, cols))
+    hu: Voxels
+    if compact and all(_integral_rescale(p) for p in planes):
+        hu = np.empty((len(planes), rows, cols), dtype=np.int16)
+        try:
+            for k in order:
+                _decode_into(hu, paths[k], k, headers[k], planes, z_of, (rows, cols))
+        except _NotCompact:  # found out only by decoding: start again in float32
+            del hu
+            hu = _decode_float(paths, headers, order, planes, z_of, (rows, cols))
+    else:
+        hu = _decode_float(paths, headers, order, planes, z_of, (rows, cols))
 
     direction = np.stack([row_dir, col_dir, normal], axis=1)
     origin = planes[0].position
@@ -409,9 +435,38 @@ def _sort_and_check(planes: list[_Plane], first: Dataset) -> tuple[list[_Plane],
     return planes, float((distance[-1] - distance[0]) / (len(planes) - 1))
 
 
-def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, planes: Sequence[_Plane],
+def _integral_rescale(plane: _Plane) -> bool:
+    return all(float(v).is_integer() and abs(v) <= _COMPACT_RESCALE_MAX for v in (plane.slope, plane.intercept))
+
+
+def _decode_float(paths: Sequence[Path], headers: Sequence[Dataset], order: dict[int, int], planes: Sequence[_Plane],
+                  z_of: dict[tuple[int, int], int], shape: tuple[int, int]) -> NDArray[np.float32]:
+    hu = np.empty((len(planes), *shape), dtype=np.float32)
+    for k in order:
+        _decode_into(hu, paths[k], k, headers[k], planes, z_of, shape)
+    return hu
+
+
+def _to_int16(arr: NDArray[Any], plane: _Plane) -> NDArray[np.int32]:
+    """``arr`` rescaled in exact integer arithmetic; :class:`_NotCompact` when it does not fit int16."""
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        raise _NotCompact
+    values = arr.astype(np.int32)
+    if plane.slope != 1.0:
+        values *= int(plane.slope)
+    if plane.intercept != 0.0:
+        values += int(plane.intercept)
+    if values.size and (int(values.min()) < -(2**15) or int(values.max()) >= 2**15):
+        raise _NotCompact
+    return values
+
+
+def _decode_into(hu: Voxels, path: Path, k: int, header: Dataset, planes: Sequence[_Plane],
                  z_of: dict[tuple[int, int], int], shape: tuple[int, int]) -> None:
-    """Decode every frame of instance ``k`` into its slices of ``hu``, rescaled."""
+    """Decode every frame of instance ``k`` into its slices of ``hu``, rescaled.
+
+    Into an int16 ``hu``, raises :class:`_NotCompact` for a frame whose values do not fit it.
+    """
     by_frame = {p.frame: p for p in planes if p.instance == k}
     try:
         frames: Iterator[tuple[int, NDArray[Any]]]
@@ -426,6 +481,9 @@ def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, p
                 raise SeriesError(f"instance {k} frame {frame}: decoded shape {arr.shape} is not {shape}")
             plane = by_frame[frame]
             out = hu[z_of[(k, frame)]]
+            if out.dtype == np.int16:
+                out[...] = _to_int16(arr, plane)
+                continue
             out[...] = arr
             if plane.slope != 1.0:
                 out *= np.float32(plane.slope)
@@ -433,7 +491,7 @@ def _decode_into(hu: NDArray[np.float32], path: Path, k: int, header: Dataset, p
                 out += np.float32(plane.intercept)
         if decoded != len(by_frame):
             raise SeriesError(f"instance {k}: {decoded} frame(s) of pixel data for {len(by_frame)} declared")
-    except SeriesError:
+    except (SeriesError, _NotCompact):
         raise
     except Exception as exc:  # decoders raise many types; all mean "this pixel data is unusable"
         # the decoder's type only: its message may quote header values

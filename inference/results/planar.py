@@ -181,12 +181,17 @@ def planar_regions(labels: NDArray[np.uint8], label_values: list[int],
                    spacing_yx: tuple[float, float]) -> dict[int, PlanarRegion]:
     """The :class:`PlanarRegion` of each label in ``label_values`` that is present in ``labels``."""
     out = {}
-    for label in label_values:
-        mask = labels == label
-        z = reference_slice(mask)
-        if z is None:
+    # one slice at a time: a whole-volume mask per label was the SR build's peak memory (a byte a voxel)
+    counts = np.zeros((len(label_values), labels.shape[0]), dtype=np.int64)
+    lut = np.full(256, len(label_values), dtype=np.intp)
+    lut[label_values] = np.arange(len(label_values))
+    for z in range(labels.shape[0]):
+        counts[:, z] = np.bincount(lut[labels[z].ravel()], minlength=len(label_values) + 1)[:len(label_values)]
+    for i, label in enumerate(label_values):
+        if not counts[i].any():
             continue
-        plane = mask[z]
+        z = int(np.argmax(counts[i]))  # as reference_slice: the first slice with the most pixels
+        plane = labels[z] == label
         count = int(plane.sum())
         out[label] = PlanarRegion(label=label, slice_index=z, pixel_count=count,
                                   area_cm2=count * spacing_yx[0] * spacing_yx[1] / 100.0,

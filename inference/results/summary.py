@@ -102,8 +102,14 @@ def display_window(volume: Volume, z: int) -> tuple[float, float]:
         pass
     if volume.modality == "CT":
         return CT_WINDOW[0] - CT_WINDOW[1] / 2, CT_WINDOW[0] + CT_WINDOW[1] / 2
-    low, high = np.percentile(volume.hu[z], [1, 99])
+    low, high = np.percentile(_slice(volume, z), [1, 99])
     return float(low), float(max(high, low + 1))
+
+
+def _slice(volume: Volume, z: int) -> NDArray[np.float32]:
+    """Slice ``z`` as float32 (a compact volume is int16): the same arithmetic, and pixels, either way."""
+    plane: NDArray[np.float32] = volume.hu[z].astype(np.float32, copy=False)
+    return plane
 
 
 def _font(size: int) -> Font:
@@ -143,7 +149,7 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def _render(volume: Volume, labels: NDArray[np.uint8], z: int, manifest: Manifest,
             found: dict[int, SegmentMeasurement], layout: _Layout, caption: str) -> NDArray[np.uint8]:
     low, high = display_window(volume, z)
-    grey = np.clip((volume.hu[z] - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+    grey = np.clip((_slice(volume, z) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     colours = {s.label: s.colour for s in manifest.output.segments}
     image = Image.fromarray(_overlay(grey, labels[z], colours), mode="RGB")
     image = image.resize((layout.width, layout.image_height), Image.Resampling.BILINEAR)
