@@ -63,7 +63,7 @@ def test_example_from_the_design_routes_the_ct_series() -> None:
     routes = rules.route(study(SeriesHeaders("1.2.3.1", ct_header(), 300)))
     assert routes == [Route("body-composition", "ct-body-composition", None, "1.2.3.1")]
     # a Route is a plain tuple as well
-    assert tuple(routes[0]) == ("body-composition", "ct-body-composition", None, "1.2.3.1")
+    assert tuple(routes[0]) == ("body-composition", "ct-body-composition", None, "1.2.3.1", 0)  # priority 0
 
 
 def test_no_match_is_an_empty_list() -> None:
