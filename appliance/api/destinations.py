@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.api.auth import principal_of
 from appliance.api.context import ApiContext
 from appliance.api.errors import ApiError
+from appliance.api.studies import OutboxRowOut
 from appliance.db.outbox import OutboxState
 from appliance.destinations import ActionRefused, Echoes, destination_outbox, overview, pause, resume
 from appliance.identity import Principal
@@ -128,18 +129,8 @@ class PausedOut(BaseModel):
     waiting: int
 
 
-class OutboxItemOut(BaseModel):
-    id: int
-    job_id: int
+class OutboxItemOut(OutboxRowOut):
     study_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    created: float
-    sent_at: float | None
 
 
 class OutboxPageOut(BaseModel):

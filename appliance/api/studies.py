@@ -111,10 +111,11 @@ class StudyJobOut(BaseModel):
     results: list[ResultOut]
 
 
-class OutboxOut(BaseModel):
+class OutboxRowOut(BaseModel):
+    """One outbox row as the dashboard shows it (a study's rows add the destination, a destination's the study)."""
+
     id: int
     job_id: int
-    destination: str
     sop_instance_uid: str
     sop_class_uid: str
     state: str
@@ -123,6 +124,10 @@ class OutboxOut(BaseModel):
     last_error: str | None
     created: float
     sent_at: float | None
+
+
+class OutboxOut(OutboxRowOut):
+    destination: str
 
 
 class StudyDetailOut(StudyRow):
