@@ -33,7 +33,7 @@ from dicom_router.ports import ReceivedInstance
 from inference.phantom import make_phantom
 from inference.runtime.onnxruntime import SessionCache
 from tests.conftest import REPO
-from tests.integration.test_web_dashboard import PASSWORD, REVIEWER, TIMEOUT_MS, browser, sign_in
+from tests.integration.test_web_dashboard import PASSWORD, REVIEWER, TIMEOUT_MS, sign_in
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
