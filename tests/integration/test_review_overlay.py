@@ -38,7 +38,6 @@ from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
 
-__all__ = ["browser"]  # the module-scoped Chromium fixture, shared
 
 ARTIFACTS = Path(os.environ.get("PORTICO_TEST_ARTIFACTS", REPO / "var" / "test-artifacts"))
 VIEWER = "https://viewer.example/ohif/viewer?StudyInstanceUIDs={study_uid}"
