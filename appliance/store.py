@@ -201,7 +201,7 @@ class Store:
         folder = self.instances_dir / instance.study_instance_uid / instance.series_instance_uid
         return folder / f"{instance.sop_instance_uid}.dcm"
 
-    def _index(self, instance: ReceivedInstance, path: Path, size: int, *, actor: str | None = None) -> StoreOutcome:
+    def _index(self, instance: ReceivedInstance, path: Path, size: int) -> StoreOutcome:
         now = time.time()
         with self.transaction() as tx:
             if not instances.add(tx, instance, path, size, now):
@@ -209,7 +209,7 @@ class Store:
             studies.count_instance(tx, instance.study_instance_uid, instance.calling_ae_title, now)
             tx.notify(RECEIVED, here_only=True)  # the hand-off loop beside the receiver
             self._audit(tx, AuditRecord(AuditEvent.RECEIVED, instance.study_instance_uid,
-                                        actor=actor or instance.calling_ae_title,
+                                        actor=instance.calling_ae_title,
                                         detail={"sop_instance_uid": instance.sop_instance_uid,
                                                 "series_uid": instance.series_instance_uid,
                                                 "sop_class_uid": instance.sop_class_uid}))
@@ -256,7 +256,8 @@ class Store:
             except Exception:  # a file we cannot read is left where it is, and said so
                 log.warning("unreadable instance file left out of the index: %s", path.name)
                 continue
-            if self._index(instance, path, path.stat().st_size, actor="recovered") is StoreOutcome.STORED:
+            # its calling AE title is "recovered": the audit row says where it came from
+            if self._index(instance, path, path.stat().st_size) is StoreOutcome.STORED:
                 recovered += 1
         return recovered
 

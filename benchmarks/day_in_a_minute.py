@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.demo import REPO, portico_config
 from appliance.pacs_standin import OrthancStandIn
 from benchmarks.ingest import CACHE, ensure_study, proc_hwm_mb, wait_port
+from benchmarks.many_senders import stop_processes
 from benchmarks.markdown import run_context, write_section
 from tests.support.net import free_port
 from tests.support.postgres import PostgresServer
@@ -134,14 +134,7 @@ def run_setup(setup: str, studies: list[Study], senders: int, postgres: Postgres
                 "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)], "studies_per_min": 60 * len(done) / span,
                 "peak_rss_mb": rss, "instances": sum(len(s.paths) for s in fresh)}
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
         orthanc.stop()
 
 

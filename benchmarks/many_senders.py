@@ -97,7 +97,8 @@ def _count_portico(work: Path, database: str) -> int:
         db.close()
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait for each (SIGKILL after 30 s)."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -134,7 +135,7 @@ def run_once(receiver: str, studies: list[list[Path]], warmup: list[Path],
         after = _count_portico(work, database) if receiver != "orthanc" else count_orthanc(work, port)
         return Sample(receiver, after - before, wall, cpu, rss)
     finally:
-        _stop(procs)
+        stop_processes(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
