@@ -119,7 +119,7 @@ def install_candidate(settings: Settings, store: Store, job_id: str, actor: str)
 
     layout = layout_of(settings)
     result = export_candidate(layout, job_id, settings.models_dir)
-    registry = ModelRegistry.from_settings(settings, audit=store.record)
+    registry = ModelRegistry.from_settings(settings, audit=store.record, database=store.db)
     state, _ = registry.install(load_package(result.package.root), actor, source=f"fl:{job_id}")
     ref = result.package.ref
     exported = read_json(layout.job_dir(job_id) / "exported.json", {}) or {}

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.audit import AuditEvent, AuditRecord
+from appliance.db.engine import Database
 from appliance.model_state import ModelStates, Role, VersionState
 from appliance.settings import Settings
 from inference.errors import PackageError
@@ -147,9 +148,15 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, audit: AuditSink | None = None) -> ModelRegistry:
-        """The registry the appliance runs with: its models folder, database and signature policy."""
-        return cls(settings.models_dir, ModelStates.in_data_dir(settings.data_dir, settings.storage.database),
+    def from_settings(cls, settings: Settings, audit: AuditSink | None = None,
+                      database: Database | None = None) -> ModelRegistry:
+        """The registry the appliance runs with: its models folder, database and signature policy.
+
+        ``database``: the store's open database (one connection, migrated once); else it is opened here.
+        """
+        states = ModelStates(database) if database is not None else \
+            ModelStates.in_data_dir(settings.data_dir, settings.storage.database)
+        return cls(settings.models_dir, states,
                    trusted_keys=settings.inference.trusted_keys,
                    require_signature=settings.inference.require_signatures, audit=audit)
 

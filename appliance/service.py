@@ -65,7 +65,7 @@ class Service:
         self.roles = roles
         self.store = Store.from_settings(settings, min_free_mb=settings.storage.min_free_mb)
         self.rules = load_rules(settings.rules_path)
-        self.registry = ModelRegistry.from_settings(settings, audit=self.store.record)
+        self.registry = ModelRegistry.from_settings(settings, audit=self.store.record, database=self.store.db)
         inference = settings.inference
         self.workers = worker_plan(inference.workers, inference.intra_op_threads, inference.providers,
                                    available_providers())

@@ -47,7 +47,8 @@ class ApiContext:
         if self.service is not None:
             return self.service.registry
         if self._registry is None:
-            self._registry = ModelRegistry.from_settings(self.settings, audit=self.store.record)
+            self._registry = ModelRegistry.from_settings(self.settings, audit=self.store.record,
+                                                         database=self.store.db)
         return self._registry
 
     @property

@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     settings = settings_from(args)
     store = Store.from_settings(settings)
     try:
-        registry = ModelRegistry.from_settings(settings, audit=store.record)
+        registry = ModelRegistry.from_settings(settings, audit=store.record, database=store.db)
         actor = cli_actor()
         if args.action == "list":
             return _list(registry)
